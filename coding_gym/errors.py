@@ -1,0 +1,32 @@
+"""Exceptions raised by coding_gym.
+
+Every exception subclasses :class:`gymnasium.error.Error`, so code that already handles
+Gymnasium errors handles ours too.
+"""
+
+from __future__ import annotations
+
+from gymnasium.error import Error
+
+
+class CodingGymError(Error):
+    """Base class of every coding_gym exception."""
+
+
+class InvalidAction(CodingGymError, TypeError):
+    """The action is not Python source text (for example bytes, None or a number)."""
+
+
+class BackendError(CodingGymError):
+    """The execution backend could not run the code: infrastructure, not the agent's fault.
+
+    The env turns it into ``truncated=True`` with ``info["infra_error"]`` set, never into reward.
+    """
+
+
+class WorkerStartError(BackendError):
+    """The sandbox worker process could not be started."""
+
+
+class SharedMemoryUnsupported(CodingGymError, ValueError):
+    """A text space was asked to live in shared memory, which cannot hold variable-length text."""

@@ -1,0 +1,176 @@
+"""A memory and pids cgroup per worker, created and removed by the parent.
+
+The pids cgroup is the only process cap that binds root (RLIMIT_NPROC does not), so it is what
+contains a fork bomb. It also gives a complete list of the worker's processes to kill, even
+those that left its process group. Both cgroup v1 and v2 are handled; where neither can be
+written (an unprivileged user, a default Docker container), :func:`probe` says why and the
+worker runs without one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+logger = logging.getLogger(__name__)
+
+_ROOT = "/sys/fs/cgroup"
+_counter = itertools.count()
+
+
+@dataclass(frozen=True)
+class CgroupSupport:
+    """Where per-worker cgroups can be made: ``version`` 1 or 2, or 0 with the ``reason``."""
+
+    version: int
+    memory_dir: str = ""
+    pids_dir: str = ""
+    reason: str = ""
+
+
+def _own_paths() -> dict[str, str]:
+    """Controller name (or "" for v2) -> this process's cgroup path, from /proc/self/cgroup."""
+    paths = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for name in controllers.split(",") if controllers else [""]:
+                paths[name] = path
+    return paths
+
+
+def _writable_dir(path: str) -> bool:
+    return os.path.isdir(path) and os.access(path, os.W_OK)
+
+
+@lru_cache(maxsize=1)
+def probe() -> CgroupSupport:
+    """Find out once per process whether per-worker cgroups can be created here."""
+    try:
+        paths = _own_paths()
+    except OSError as e:
+        return CgroupSupport(0, reason=f"cannot read /proc/self/cgroup: {e}")
+    memory_v1 = os.path.join(_ROOT, "memory") + paths.get("memory", "/")
+    pids_v1 = os.path.join(_ROOT, "pids") + paths.get("pids", "/")
+    if "memory" in paths and "pids" in paths:
+        if _writable_dir(memory_v1) and _writable_dir(pids_v1):
+            return CgroupSupport(1, memory_dir=memory_v1, pids_dir=pids_v1)
+        return CgroupSupport(0, reason=f"cgroup v1 directories not writable ({pids_v1})")
+    if os.path.exists(os.path.join(_ROOT, "cgroup.controllers")):
+        base = os.path.join(_ROOT, paths.get("", "/").lstrip("/"))
+        try:
+            with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
+                f.write("+memory +pids")
+        except OSError as e:
+            # The "no internal processes" rule refuses controllers below a cgroup that holds
+            # processes, and a non-delegated cgroup is not ours to write.
+            return CgroupSupport(
+                0, reason=f"cgroup v2 controllers cannot be enabled in {base}: {e}"
+            )
+        return CgroupSupport(2, memory_dir=base, pids_dir=base)
+    return CgroupSupport(0, reason="no cgroup memory and pids controllers are mounted")
+
+
+class Cgroup:
+    """The cgroup(s) of one worker. Use :meth:`create`; it returns None where unsupported."""
+
+    def __init__(self, support: CgroupSupport, name: str) -> None:
+        self._support = support
+        self._dirs = sorted({os.path.join(support.memory_dir, name),
+                             os.path.join(support.pids_dir, name)})
+        self._memory = os.path.join(support.memory_dir, name)
+        self._pids = os.path.join(support.pids_dir, name)
+
+    @classmethod
+    def create(cls, memory_bytes: int, pids_max: int) -> Cgroup | None:
+        support = probe()
+        if not support.version:
+            return None
+        group = cls(support, f"coding-gym-{os.getpid()}-{next(_counter)}")
+        try:
+            for path in group._dirs:
+                os.makedirs(path, exist_ok=True)
+            if support.version == 1:
+                group._write(group._memory, "memory.limit_in_bytes", memory_bytes)
+                group._write(group._memory, "memory.memsw.limit_in_bytes", memory_bytes,
+                             optional=True)
+            else:
+                group._write(group._memory, "memory.max", memory_bytes)
+                group._write(group._memory, "memory.swap.max", 0, optional=True)
+            group._write(group._pids, "pids.max", pids_max)
+        except OSError as e:
+            logger.warning("could not set up a cgroup for the worker: %s", e)
+            group.remove()
+            return None
+        return group
+
+    @staticmethod
+    def _write(directory: str, name: str, value: int, optional: bool = False) -> None:
+        try:
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(str(value))
+        except OSError:
+            if not optional:
+                raise
+
+    def add(self, pid: int) -> None:
+        """Move ``pid`` into the cgroup (before it runs any untrusted code)."""
+        for path in self._dirs:
+            with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+
+    def pids(self) -> list[int]:
+        try:
+            with open(os.path.join(self._pids, "cgroup.procs")) as f:
+                return [int(line) for line in f if line.strip()]
+        except OSError:
+            return []
+
+    def oom_killed(self) -> bool:
+        """True when the kernel's OOM killer has killed a process of this cgroup."""
+        name = "memory.oom_control" if self._support.version == 1 else "memory.events"
+        try:
+            with open(os.path.join(self._memory, name)) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value) > 0
+        except OSError:
+            pass
+        return False
+
+    def kill(self, deadline_s: float = 2.0) -> None:
+        """SIGKILL every process in the cgroup, until it is empty or the deadline passes."""
+        if self._support.version == 2:
+            try:
+                self._write(self._pids, "cgroup.kill", 1)
+            except OSError:
+                pass
+        end = time.monotonic() + deadline_s
+        while True:
+            pids = self.pids()
+            if not pids or time.monotonic() > end:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.001)
+
+    def remove(self) -> None:
+        """Remove the (empty) cgroup directories; retried briefly while the last exits finish."""
+        for path in self._dirs:
+            for _ in range(50):
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.002)

@@ -1,0 +1,67 @@
+"""Finding and killing a worker's whole process tree, in the parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _parent_pids() -> dict[int, int]:
+    """Map every live pid to its parent pid, read from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses: parse after the last ')'.
+        fields = stat[stat.rfind(b")") + 2:].split()
+        parents[int(entry)] = int(fields[1])
+    return parents
+
+
+def descendants(root: int) -> list[int]:
+    """Pids below ``root`` in the process tree (not ``root`` itself), parents first."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _parent_pids().items():
+        children.setdefault(ppid, []).append(pid)
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        pid = frontier.pop()
+        for child in children.get(pid, ()):
+            found.append(child)
+            frontier.append(child)
+    return found
+
+
+def kill_tree(root: int, pgid: int | None = None, rounds: int = 20) -> None:
+    """SIGKILL every descendant of ``root``, then ``root`` and its process group.
+
+    The root is stopped first and killed last: it is a child subreaper, so while it lives the
+    orphans of killed descendants re-parent to it and stay visible. A fork bomb may add
+    processes while we kill, hence the rounds.
+    """
+    _signal(root, signal.SIGSTOP)
+    for _ in range(rounds):
+        pids = descendants(root)
+        if not pids:
+            break
+        for pid in pids:
+            _signal(pid, signal.SIGKILL)
+    _signal(root, signal.SIGKILL)
+    if pgid is not None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
