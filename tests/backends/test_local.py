@@ -1,0 +1,261 @@
+"""LocalBackend: persistence, exit codes, both timeout paths, capture, limits, cleanup."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from coding_gym.backends.local import LocalBackend
+from coding_gym.errors import BackendError
+from coding_gym.models import Limits
+from tests.helpers import descendant_pids
+
+
+@pytest.fixture
+def backend():
+    b = LocalBackend(Limits(timeout_s=2.0, memory_mb=512, max_output_bytes=1 << 20))
+    b.reset()
+    yield b
+    b.close()
+
+
+def test_variables_functions_and_imports_persist(backend):
+    backend.run("import math\nx = 3\ndef area(r):\n    return math.pi * r * r")
+    result = backend.run("print(x, round(area(x), 2))")
+    assert result.stdout == "3 28.27\n"
+    assert result.exit_code == 0
+
+
+def test_reset_gives_fresh_interpreter_and_directory(backend):
+    backend.run("x = 1\nopen('mine.txt', 'w').write('hi')")
+    old_dir = backend.workdir
+    backend.reset()
+    assert not os.path.exists(old_dir)
+    result = backend.run("import os\nprint(os.listdir('.'))\nprint(x)")
+    assert result.stdout == "[]\n"
+    assert "NameError: name 'x' is not defined" in result.stderr
+
+
+def test_uncaught_exception_shows_only_agent_frames(backend):
+    result = backend.run("def f():\n    raise ValueError('boom')\nf()")
+    assert result.exit_code == 1
+    assert result.kill_reason is None
+    assert "ValueError: boom" in result.stderr
+    assert 'line 2, in f' in result.stderr
+    assert "worker.py" not in result.stderr and "coding_gym" not in result.stderr
+
+
+def test_syntax_error(backend):
+    result = backend.run("def (:")
+    assert result.exit_code == 1
+    assert "SyntaxError" in result.stderr
+    assert "worker.py" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("code", "exit_code", "stderr"),
+    [("raise SystemExit(3)", 3, ""), ("import sys; sys.exit()", 0, ""),
+     ("import sys; sys.exit(256 + 7)", 7, ""), ("import sys; sys.exit('bye')", 1, "bye\n")],
+)
+def test_system_exit_keeps_the_worker(backend, code, exit_code, stderr):
+    backend.run("kept = 'yes'")
+    pid = backend.worker_pid
+    result = backend.run(code)
+    assert (result.exit_code, result.stderr, result.state_lost) == (exit_code, stderr, False)
+    assert backend.run("print(kept)").stdout == "yes\n"
+    assert backend.worker_pid == pid
+
+
+def test_death_by_signal_maps_to_128_plus_n(backend):
+    backend.run("x = 1")
+    result = backend.run("import ctypes; ctypes.string_at(0)")
+    assert result.exit_code == 128 + signal.SIGSEGV
+    assert result.kill_reason == "signal"
+    assert result.state_lost
+    assert "SIGSEGV" in result.stderr
+    after = backend.run("print('alive')")
+    assert after.stdout == "alive\n" and not after.state_lost
+
+
+def test_os_exit_is_a_crash_and_next_step_works(backend):
+    result = backend.run("import os; os._exit(4)")
+    assert (result.exit_code, result.kill_reason, result.state_lost) == (4, "crash", True)
+    assert backend.run("print(1)").stdout == "1\n"
+
+
+def test_soft_timeout_stops_python_loop_and_keeps_state(backend):
+    backend.run("x = 41")
+    start = time.monotonic()
+    result = backend.run("while True:\n    x += 0", timeout_s=1.0)
+    assert time.monotonic() - start < 1.0 + 1.0
+    assert result.kill_reason == "timeout"
+    assert result.exit_code == 1
+    assert "StepTimeout" in result.stderr
+    assert not result.state_lost
+    assert backend.run("print(x + 1)").stdout == "42\n"
+
+
+def test_soft_timeout_stops_sleep(backend):
+    start = time.monotonic()
+    result = backend.run("import time; time.sleep(60)", timeout_s=0.5)
+    assert time.monotonic() - start < 1.5
+    assert result.kill_reason == "timeout" and not result.state_lost
+
+
+def test_soft_timeout_is_not_swallowed_by_except_exception(backend):
+    code = "while True:\n    try:\n        pass\n    except Exception:\n        pass"
+    result = backend.run(code, timeout_s=0.5)
+    assert result.kill_reason == "timeout"
+
+
+def test_hard_timeout_kills_c_loop_and_loses_state(backend):
+    backend.run("x = 1")
+    start = time.monotonic()
+    result = backend.run("sum(range(10**12))", timeout_s=1.0)
+    assert time.monotonic() - start < 1.0 + 1.0
+    assert result.kill_reason == "timeout"
+    assert result.state_lost
+    assert result.exit_code == 128 + signal.SIGKILL
+    assert "time limit" in result.stderr
+    after = backend.run("print(x)")
+    assert "NameError" in after.stderr
+
+
+def test_hard_timeout_when_agent_ignores_the_timer(backend):
+    code = "import signal, time\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n" \
+           "signal.signal(signal.SIGPROF, signal.SIG_IGN)\ntime.sleep(30)"
+    start = time.monotonic()
+    result = backend.run(code, timeout_s=0.5)
+    assert time.monotonic() - start < 1.5
+    assert result.kill_reason == "timeout" and result.state_lost
+
+
+def test_large_output_is_truncated_and_flagged():
+    with LocalBackend(Limits(max_output_bytes=100_000)) as backend:
+        backend.reset()
+        result = backend.run("import sys\nsys.stdout.write('x' * 20_000_000)\nprint('err', file=sys.stderr)")
+        assert result.stdout_truncated
+        assert len(result.stdout) == 100_000
+        assert not result.stderr_truncated and result.stderr == "err\n"
+        assert result.exit_code == 0
+
+
+def test_invalid_utf8_and_nul_bytes_are_decoded_safely(backend):
+    result = backend.run("import os\nos.write(1, b'a\\xff\\xfeb\\x00c')\nprint('\\x00é')")
+    assert result.stdout == "a\ufffd\ufffdb\x00c\x00é\n"
+    result.stdout.encode("utf-8")  # no lone surrogates
+
+
+def test_lone_surrogates_in_code_and_output(backend):
+    result = backend.run("s = '\\ud800'\nprint(s)")
+    assert result.exit_code == 0
+    result.stdout.encode("utf-8")
+
+
+def test_output_of_child_processes_and_c_code_is_captured(backend):
+    result = backend.run(
+        "import os, subprocess, ctypes\n"
+        "os.system('echo from-shell; echo to-err 1>&2')\n"
+        "subprocess.run(['echo', 'from-child'])\n"
+        "ctypes.CDLL(None).printf(b'from-c\\n')"
+    )
+    assert "from-shell\n" in result.stdout
+    assert "from-child\n" in result.stdout
+    assert "from-c\n" in result.stdout
+    assert "to-err\n" in result.stderr
+
+
+def test_stdin_is_empty(backend):
+    result = backend.run("import sys\nprint(repr(sys.stdin.read()))")
+    assert result.stdout == "''\n"
+
+
+def test_memory_hog_is_stopped(backend):
+    result = backend.run("blocks = []\nwhile True:\n    blocks.append(bytearray(50 * 2**20))")
+    assert result.kill_reason == "memory"
+    assert result.exit_code != 0
+    assert backend.run("print('still here')").stdout == "still here\n"
+
+
+def test_fork_bomb_is_contained(no_leaked_processes):
+    with LocalBackend(Limits(timeout_s=2.0, max_processes=32)) as backend:
+        backend.reset()
+        start = time.monotonic()
+        result = backend.run("import os\nwhile True:\n    try:\n        os.fork()\n"
+                             "    except OSError:\n        pass")
+        assert time.monotonic() - start < 3.0
+        assert result.kill_reason is not None
+        pid = backend.worker_pid
+        assert pid is None or len(descendant_pids(pid)) <= 32
+        assert backend.run("print('ok')").stdout == "ok\n"
+
+
+def test_worker_killed_from_outside(backend):
+    backend.run("x = 1")
+    os.kill(backend.worker_pid, signal.SIGKILL)
+    time.sleep(0.1)
+    result = backend.run("print('hello')")
+    assert result.state_lost or result.stdout == "hello\n"
+    assert backend.run("print('again')").stdout == "again\n"
+
+
+def test_worker_killed_mid_step(backend):
+    pid = backend.worker_pid
+    import threading
+
+    threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+    result = backend.run("import time; time.sleep(1.5)")
+    assert result.exit_code == 128 + signal.SIGKILL
+    assert result.kill_reason == "signal" and result.state_lost
+    assert backend.run("print(2)").stdout == "2\n"
+
+
+def test_parent_environment_is_not_visible(monkeypatch):
+    monkeypatch.setenv("CODING_GYM_TEST_SECRET", "hunter2")
+    with LocalBackend() as backend:
+        backend.reset()
+        result = backend.run("import os\nprint(os.environ.get('CODING_GYM_TEST_SECRET'))\n"
+                             "print(os.environ['OMP_NUM_THREADS'])")
+        assert result.stdout == "None\n1\n"
+
+
+def test_no_process_left_after_close(no_leaked_processes):
+    backend = LocalBackend()
+    backend.reset()
+    backend.run(
+        "import subprocess, os\n"
+        "subprocess.Popen(['sleep', '300'])\n"
+        "subprocess.Popen(['setsid', 'sleep', '300'])\n"
+        "if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(300)\n"
+    )
+    assert len(descendant_pids(backend.worker_pid)) >= 2
+    backend.close()
+    backend.close()  # safe twice
+
+
+def test_no_process_left_after_hard_timeout(no_leaked_processes):
+    with LocalBackend(Limits(timeout_s=0.5)) as backend:
+        backend.reset()
+        backend.run("import subprocess\np = subprocess.Popen(['sleep', '300'])\n"
+                    "sum(range(10**12))")
+
+
+def test_closed_backend_raises_clear_error():
+    backend = LocalBackend()
+    backend.close()
+    with pytest.raises(BackendError, match="closed"):
+        backend.run("print(1)")
+
+
+def test_monkeypatched_streams_and_fds_are_restored(backend):
+    backend.run("import sys, io, os\nsys.stdout = io.StringIO()\nos.close(2)")
+    result = backend.run("print('visible')\nimport sys\nprint('err', file=sys.stderr)")
+    assert result.stdout == "visible\n" and result.stderr == "err\n"
+
+
+def test_patched_builtins_do_not_break_the_worker(backend):
+    backend.run("import builtins\nbuiltins.len = None\nbuiltins.isinstance = None")
+    assert backend.run("print(len('abc'))").stdout == "3\n"
