@@ -1,0 +1,1 @@
+"""Benchmarks of coding_gym (run ``python -m benchmarks``)."""
