@@ -85,6 +85,17 @@ class LocalBackend:
         assert episode.worker is not None
         return episode.worker.run(code, self.limits.with_timeout(timeout_s))
 
+    def interrupt(self) -> None:
+        """Kill the interpreter now, from any thread; a no-op before the first reset.
+
+        A :meth:`run` in progress in another thread returns at once with ``state_lost``
+        (killed by ``SIGKILL``), and the run after it starts a fresh interpreter. Servers call
+        this when the client of a step has gone away.
+        """
+        worker = self._episode.worker
+        if worker is not None:
+            worker.interrupt()
+
     def describe(self) -> dict[str, Any]:
         """What this backend is and which protections are active."""
         support = cgroups.probe()

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -110,6 +111,9 @@ class WorkerProcess:
         for fd in (sock.fileno(), out_fd, err_fd):
             self._poller.register(fd, select.POLLIN)
         self.alive = True
+        # Guards ``alive`` against interrupt() from another thread while kill() reaps: a reaped
+        # pid may be reused, so it must never be signalled after the reap.
+        self._kill_lock = threading.Lock()
 
     @classmethod
     def spawn(cls, limits: Limits, workdir: str) -> WorkerProcess:
@@ -214,9 +218,13 @@ class WorkerProcess:
         started = time.perf_counter()
         deadline = time.monotonic() + limits.timeout_s + HARD_KILL_GRACE_S
         try:
+            # Blocking while sending: code bigger than the socket buffer (~400 kB) must wait
+            # for the worker to read it; a non-blocking sendall fails half-way.
+            self.sock.settimeout(limits.timeout_s + HARD_KILL_GRACE_S)
             self.sock.sendall(protocol.encode(
                 {"cmd": "run", "code": code, "timeout_s": limits.timeout_s}
             ))
+            self.sock.setblocking(False)
         except OSError:
             return self._died(out, err, started, limits)
         sock_fd = self.sock.fileno()
@@ -278,14 +286,28 @@ class WorkerProcess:
             stderr_truncated=err.truncated, kill_reason=reason, state_lost=True,
         )
 
+    def interrupt(self) -> None:
+        """SIGKILL the worker and everything it started, from any thread.
+
+        A :meth:`run` in progress in another thread sees the death at once and returns its
+        result (``state_lost``); that thread still owns the clean-up (:meth:`kill`).
+        """
+        with self._kill_lock:
+            if not self.alive or self.proc.returncode is not None:
+                return
+            if self.cgroup is not None:
+                self.cgroup.kill()
+            processes.kill_tree(self.pid, pgid=self.pid)
+
     def kill(self) -> None:
         """Kill the worker and everything it started; safe to call twice."""
-        if not self.alive:
-            return
-        self.alive = False
-        if self.cgroup is not None:
-            self.cgroup.kill()
-        processes.kill_tree(self.pid, pgid=self.pid)
+        with self._kill_lock:
+            if not self.alive:
+                return
+            self.alive = False
+            if self.cgroup is not None:
+                self.cgroup.kill()
+            processes.kill_tree(self.pid, pgid=self.pid)
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:

@@ -259,3 +259,35 @@ def test_monkeypatched_streams_and_fds_are_restored(backend):
 def test_patched_builtins_do_not_break_the_worker(backend):
     backend.run("import builtins\nbuiltins.len = None\nbuiltins.isinstance = None")
     assert backend.run("print(len('abc'))").stdout == "3\n"
+
+
+def test_code_bigger_than_the_socket_buffer_runs(backend):
+    code = "x = 1\n" + "#" * 2_000_000 + "\nprint(x + 1)"
+    result = backend.run(code)
+    assert (result.exit_code, result.stdout, result.state_lost) == (0, "2\n", False)
+
+
+def test_interrupt_from_another_thread_kills_the_running_step(no_leaked_processes, backend):
+    import threading
+
+    backend.run("x = 1")
+    pid = backend.worker_pid
+    threading.Timer(0.3, backend.interrupt).start()
+    result = backend.run("import subprocess\nsubprocess.Popen(['sleep', '300'])\n"
+                         "import time\ntime.sleep(30)")
+    assert result.kill_reason == "signal" and result.state_lost
+    assert result.exit_code == 128 + signal.SIGKILL
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert "NameError" in backend.run("print(x)").stderr
+
+
+def test_interrupt_before_reset_is_a_no_op_and_when_idle_is_reported():
+    with LocalBackend() as backend:
+        backend.interrupt()
+        backend.reset()
+        backend.run("x = 5")
+        backend.interrupt()
+        reported = backend.run("print('lost')")
+        assert reported.kill_reason == "signal" and reported.state_lost
+        assert backend.run("print('fresh')").stdout == "fresh\n"
