@@ -20,7 +20,8 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         --index-url https://download.pytorch.org/whl/cpu
 fi
 log "installing coding-gym with its extras"
-.venv/bin/pip install -q -e ".[server,docker,sb3,dev,interop,browser]"
+.venv/bin/pip install -q -e ".[server,docker,sb3,dev,interop,browser]" 2>&1 \
+    | { grep -v "^WARNING: Location" || true; }
 
 log "ruff"
 .venv/bin/ruff check --output-format concise coding_gym tests benchmarks examples

@@ -136,7 +136,9 @@ def test_hard_timeout_when_agent_ignores_the_timer(backend):
 def test_large_output_is_truncated_and_flagged():
     with LocalBackend(Limits(max_output_bytes=100_000)) as backend:
         backend.reset()
-        result = backend.run("import sys\nsys.stdout.write('x' * 20_000_000)\nprint('err', file=sys.stderr)")
+        result = backend.run(
+            "import sys\nsys.stdout.write('x' * 20_000_000)\nprint('err', file=sys.stderr)"
+        )
         assert result.stdout_truncated
         assert len(result.stdout) == 100_000
         assert not result.stderr_truncated and result.stderr == "err\n"
