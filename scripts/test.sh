@@ -13,11 +13,11 @@ if [ ! -x .venv/bin/python ]; then
     log "creating .venv with $($python --version)"
     "$python" -m venv .venv
 fi
-# The CPU build of torch (for stable-baselines3) first: otherwise pip picks a CUDA build.
+# torch (for stable-baselines3) pinned first: this CPU build is a few hundred MB, where an
+# unpinned resolve picks a CUDA build of several GB.
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     log "installing torch (CPU build)"
-    .venv/bin/pip install -q "torch==2.13.0" || .venv/bin/pip install -q torch \
-        --index-url https://download.pytorch.org/whl/cpu
+    .venv/bin/pip install -q "torch==2.13.0" 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi
 log "installing coding-gym with its extras"
 .venv/bin/pip install -q -e ".[server,docker,sb3,dev,interop,browser]" 2>&1 \
