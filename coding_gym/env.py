@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import math
+import os
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
+from coding_gym import transforms
 from coding_gym.backends import Backend, make_backend
 from coding_gym.errors import BackendError, InvalidAction
 from coding_gym.models import ExecResult, Limits
 from coding_gym.spaces import AnyText
+from coding_gym.tasks.episode import TaskEpisodes
+from coding_gym.tasks.loaders import resolve_tasks
+from coding_gym.tasks.task import Task
+from coding_gym.transforms import RewardTransform
 
 Observation = dict[str, Any]
 
@@ -47,10 +54,36 @@ class CodingEnv(gym.Env[Observation, str]):
     - ``exit_code``: 0 success; 1 uncaught exception (its traceback, showing only the agent's
       code, is in ``stderr``); ``n`` for ``SystemExit(n)`` (the interpreter survives);
       ``128 + N`` when the interpreter died of signal N (137 after a hard timeout kill).
+    - ``prompt`` (only with ``tasks``): the episode's task, the same at every step;
+      ``AnyText`` as long as the longest prompt of the task set.
 
     ## Rewards
 
-    0.0 for every step in free execution.
+    Free execution (no ``tasks``): 0.0, shaped by ``reward_transforms``. The default is no
+    shaping, because the shaping below is a textual heuristic that also penalises legitimate
+    code. ``reward_transforms="openenv"`` reproduces OpenEnv coding_env's: -1.0 when the code
+    matches a dangerous pattern (``import os``, ``import subprocess``, ``eval(``, ``exec(``,
+    ``__import__``, ``open(``), +0.1 when it is at most 100 characters, -0.2 when it does not
+    parse (see :mod:`coding_gym.transforms`).
+
+    With ``tasks``: after every step the episode's program is graded, and the reward is the
+    fraction of the task's tests it passes (with ``binary_reward=True``: 1.0 when all pass,
+    else 0.0), then shaped by ``reward_transforms``. The graded program is
+
+    - function tasks (the task has an entry point): the code of the episode's steps that
+      ended with exit code 0, in order, since the interpreter last lost its state. That is the
+      code that built the definitions the interpreter holds, so a solution can grow over
+      several steps like notebook cells; failed steps are left out, their effect being partial.
+    - stdin tasks: the step's own code, run as a whole script once per test. Earlier steps are
+      left out, or their prints would be part of its output; the episode's interpreter has no
+      stdin, so such a step may fail there and still pass its tests.
+
+    It is graded in a fresh sandbox process, never in the episode's interpreter, so nothing
+    done to that interpreter (patched builtins, rigged objects, a printed fake summary)
+    reaches the grading, and returned values and output are compared in this process; see
+    :mod:`coding_gym.tasks.grading` for what the sandbox can still influence. The reward is
+    the state of the program after the step, not a difference: a step that changes nothing
+    earns the same reward again. A backend failure is never reward: 0.0 (see Episode End).
 
     ## Starting State
 
@@ -59,9 +92,11 @@ class CodingEnv(gym.Env[Observation, str]):
 
     ## Episode End
 
-    ``terminated`` is always False in free execution. ``truncated`` is True when the backend
-    failed (``info["infra_error"]`` says why), and when ``max_episode_steps`` given to
-    ``gymnasium.make`` is reached.
+    ``terminated`` is always False in free execution; with ``tasks`` it is True when the graded
+    program passes every test. ``truncated`` is True when the backend failed, running the step
+    or grading it (``info["infra_error"]`` says why), and when ``max_episode_steps`` given to
+    ``gymnasium.make`` is reached. A task episode has no step limit of its own: pass
+    ``max_episode_steps``.
 
     ## Arguments
 
@@ -74,11 +109,21 @@ class CodingEnv(gym.Env[Observation, str]):
     - ``max_output_bytes`` (1 MiB): stdout and stderr kept per step; the rest is dropped.
     - ``max_code_length`` (100,000): longest action accepted, in characters.
     - ``render_mode``: ``None`` or ``"ansi"`` (``render()`` returns the last step as text).
+    - ``tasks`` (None: free execution): ``"builtin"`` (the built-in suite), a path to a JSONL
+      file (coding_gym, HumanEval or MBPP format) or a list of
+      :class:`coding_gym.tasks.Task`. ``reset`` picks a task uniformly with ``np_random``, or
+      the one named by ``options={"task_id": ...}``. Grading runs on a second backend of the
+      same kind (a ``"local"`` one when ``backend`` is an instance) with the same limits:
+      ``timeout_s`` bounds one grading, all tests of the task included.
+    - ``binary_reward`` (False): with ``tasks``, reward 1.0 only when every test passes.
+    - ``reward_transforms`` (None): ``"openenv"``, or a list of callables
+      ``(code, result, reward) -> reward`` applied in order (see Rewards).
     - Any other keyword goes to the backend (for example ``base_url`` for ``"remote"``).
 
     ## Information
 
-    ``reset`` returns ``episode_id`` and ``step``. Every ``step`` returns:
+    ``reset`` returns ``episode_id`` and ``step`` (and ``task_id`` with ``tasks``). Every
+    ``step`` returns:
 
     - ``episode_id``: identifier of the episode.
     - ``step``: number of steps taken in the episode, this one included.
@@ -93,6 +138,15 @@ class CodingEnv(gym.Env[Observation, str]):
       of earlier steps are gone.
     - ``infra_error``: None, or a message when the backend itself failed (never the agent's
       fault, never reward; the step is truncated).
+
+    With ``tasks``, every ``step`` also returns:
+
+    - ``task_id``: identifier of the episode's task.
+    - ``tests_passed``: number of tests the graded program passed.
+    - ``tests_total``: number of tests of the task.
+    - ``test_results``: one dict per test, in the task's order:
+      ``{"passed": bool, "message": str}``; the message says why a test failed (expected
+      values are never shown). Empty when grading failed.
 
     ## Version History
 
@@ -110,6 +164,9 @@ class CodingEnv(gym.Env[Observation, str]):
         max_output_bytes: int = 1 << 20,
         max_code_length: int = 100_000,
         render_mode: str | None = None,
+        tasks: str | os.PathLike[str] | Sequence[Task] | None = None,
+        binary_reward: bool = False,
+        reward_transforms: str | RewardTransform | Sequence[RewardTransform] | None = None,
         **backend_options: Any,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
@@ -121,12 +178,21 @@ class CodingEnv(gym.Env[Observation, str]):
         self.limits = Limits(timeout_s=timeout_s, memory_mb=memory_mb,
                              max_output_bytes=max_output_bytes)
         self.max_code_length = max_code_length
+        self.reward_transforms = transforms.resolve(reward_transforms)
+        task_list = None if tasks is None else resolve_tasks(tasks)
         self.backend: Backend = make_backend(backend, self.limits, **backend_options)
+        self._tasks: TaskEpisodes | None = None
+        if task_list is not None:
+            self._tasks = _task_episodes(task_list, backend, self.limits, backend_options,
+                                         binary_reward)
         self.action_space = AnyText(max_length=max_code_length)
         text = AnyText(max_length=max_output_bytes + _NOTE_ROOM)
-        self.observation_space = spaces.Dict(
-            {"stdout": text, "stderr": text, "exit_code": spaces.Discrete(256)}
-        )
+        observation_spaces: dict[str, spaces.Space[Any]] = {
+            "stdout": text, "stderr": text, "exit_code": spaces.Discrete(256)
+        }
+        if self._tasks is not None:
+            observation_spaces["prompt"] = AnyText(max_length=self._tasks.max_prompt_length)
+        self.observation_space = spaces.Dict(observation_spaces)
         self.episode_id: str | None = None
         self.step_count = 0
         self._last: tuple[str, ExecResult] | None = None
@@ -140,8 +206,13 @@ class CodingEnv(gym.Env[Observation, str]):
         self.episode_id = uuid.UUID(bytes=self.np_random.bytes(16), version=4).hex
         self.step_count = 0
         self._last = None
-        observation = {"stdout": "", "stderr": "", "exit_code": 0}
-        return observation, {"episode_id": self.episode_id, "step": 0}
+        observation: Observation = {"stdout": "", "stderr": "", "exit_code": 0}
+        info: dict[str, Any] = {"episode_id": self.episode_id, "step": 0}
+        if self._tasks is not None:
+            task = self._tasks.start(self.np_random, options)
+            observation["prompt"] = task.prompt
+            info["task_id"] = task.task_id
+        return observation, info
 
     def step(self, action: str) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
         code = self._check_action(action)
@@ -167,8 +238,36 @@ class CodingEnv(gym.Env[Observation, str]):
         # Millisecond resolution: finer digits are noise, and a seeded step must be repeatable.
         info["wall_time_s"] = _millis(result.wall_time_s)
         info["cpu_time_s"] = _millis(result.cpu_time_s)
+        reward, terminated = 0.0, False
+        if infra_error is None:
+            reward, terminated, infra_error = self._score(code, result, info)
+            truncated = infra_error is not None
+        elif self._tasks is not None:
+            info.update(self._tasks.info(None))
         info.update(episode_id=self.episode_id, step=self.step_count, infra_error=infra_error)
-        return observation, 0.0, False, truncated, info
+        if self._tasks is not None and self._tasks.task is not None:
+            observation["prompt"] = self._tasks.task.prompt
+        return observation, reward, terminated, truncated, info
+
+    def _score(self, code: str, result: ExecResult,
+               info: dict[str, Any]) -> tuple[float, bool, str | None]:
+        """(reward, terminated, infra error) of a step that ran; adds the task keys to info."""
+        if self._tasks is None:
+            return self.reward_transforms(code, result, 0.0), False, None
+        try:
+            report = self._tasks.grade(self._tasks.program(code, result))
+        except BackendError as e:
+            # The grader's infrastructure failed: not the agent's fault, so never reward.
+            info.update(self._tasks.info(None))
+            return 0.0, False, f"grading failed: {e}"
+        info.update(self._tasks.info(report))
+        reward = self.reward_transforms(code, result, self._tasks.reward(report))
+        return reward, report.all_passed, None
+
+    @property
+    def task(self) -> Task | None:
+        """The episode's task (None in free execution or before the first reset)."""
+        return None if self._tasks is None else self._tasks.task
 
     def _check_action(self, action: Any) -> str:
         if not isinstance(action, str):
@@ -203,7 +302,22 @@ class CodingEnv(gym.Env[Observation, str]):
         backend = getattr(self, "backend", None)
         if backend is not None:
             backend.close()
+        task_episodes = getattr(self, "_tasks", None)
+        if task_episodes is not None:
+            task_episodes.close()
         super().close()
+
+
+def _task_episodes(tasks: list[Task], backend: str | Backend, limits: Limits,
+                   backend_options: dict[str, Any], binary_reward: bool) -> TaskEpisodes:
+    """Task sampling and grading, on a second backend of the episode's kind."""
+    from coding_gym.tasks.grading import Grader, grading_limits
+
+    if not isinstance(backend, str):
+        # An instance cannot be cloned; grade on this machine's sandbox instead.
+        backend, backend_options = "local", {}
+    grading_backend = make_backend(backend, grading_limits(limits), **backend_options)
+    return TaskEpisodes(tasks, Grader(grading_backend), binary_reward=binary_reward)
 
 
 def _millis(seconds: float) -> float:
