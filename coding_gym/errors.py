@@ -24,6 +24,18 @@ class BackendError(CodingGymError):
     """
 
 
+class ServerError(BackendError):
+    """A coding_gym or OpenEnv server answered a request with an error message.
+
+    ``code`` is the protocol's error code, for example ``"VALIDATION_ERROR"`` or
+    ``"CAPACITY_REACHED"``.
+    """
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(f"{message} [{code}]")
+        self.code = code
+
+
 class WorkerStartError(BackendError):
     """The sandbox worker process could not be started."""
 

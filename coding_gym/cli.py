@@ -1,0 +1,179 @@
+"""``coding-gym``: serve the environment, or run a file in the sandbox.
+
+    coding-gym serve [--host 127.0.0.1] [--port 8000] [--token T | --insecure] ...
+    coding-gym run FILE.py
+
+Each command is a ``_cmd_<name>`` function registered in :func:`build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from coding_gym import __version__
+from coding_gym.models import Limits
+
+_DEFAULTS = Limits()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coding-gym",
+        description="A Gymnasium environment whose actions are Python programs.",
+    )
+    parser.add_argument("--version", action="version", version=f"coding-gym {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="serve the environment over HTTP and WebSocket (OpenEnv protocol)",
+        description="Serve CodingEnv-v0 over HTTP and WebSocket, with a web UI at /web. "
+                    "Each session gets its own sandboxed interpreter.",
+    )
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000,
+                       help="port to listen on; 0 picks a free one (default: 8000)")
+    serve.add_argument("--max-sessions", type=_positive_int, default=64,
+                       help="sessions (interpreters) alive at once (default: 64)")
+    serve.add_argument("--token", default=None,
+                       help="token clients must send as 'Authorization: Bearer <token>' "
+                            "(default: $CODING_GYM_TOKEN); needed to listen beyond loopback")
+    serve.add_argument("--insecure", action="store_true",
+                       help="listen beyond loopback without a token: anyone who can reach "
+                            "the port can run code on this machine")
+    serve.add_argument("--idle-timeout-s", type=_positive_float, default=600.0,
+                       help="close sessions idle for this long (default: 600)")
+    _add_limit_arguments(serve, "longest step a client may ask for")
+    serve.add_argument("--open", action="store_true",
+                       help="open the web UI in a browser once the server listens")
+    serve.set_defaults(handler=_cmd_serve)
+
+    run = commands.add_parser(
+        "run", help="run a Python file in the sandbox",
+        description="Run a Python file in a fresh sandboxed interpreter; its output goes to "
+                    "stdout and stderr and its exit code becomes ours.",
+    )
+    run.add_argument("file", metavar="FILE.py", help="the program to run")
+    _add_limit_arguments(run, "time limit of the program")
+    run.set_defaults(handler=_cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``coding-gym`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    code: int = args.handler(args, parser)
+    return code
+
+
+def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from coding_gym.backends.remote import TOKEN_ENV
+    from coding_gym.server import serving
+
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+    token = token or None
+    if not serving.is_loopback(args.host) and token is None and not args.insecure:
+        parser.error(
+            f"refusing to listen on {args.host} without a token: anyone who can reach it could "
+            f"run code on this machine. Pass --token T (or set {TOKEN_ENV}); clients then send "
+            "'Authorization: Bearer T'. Or pass --insecure to accept the risk."
+        )
+    import uvicorn
+
+    from coding_gym.server import create_app
+
+    app = create_app(limits=_limits(args), max_sessions=args.max_sessions,
+                     idle_timeout_s=args.idle_timeout_s, token=token)
+    try:
+        sock = serving.bind(args.host, args.port)
+    except OSError as e:
+        print(f"coding-gym: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    url = serving.base_url(sock)
+    _say(sys.stdout, f"coding-gym {__version__}: serving CodingEnv-v0 on {url}")
+    _say(sys.stdout, f"web UI: {url}/web/" + ("  (it asks for the token)" if token else ""))
+    if args.insecure and not serving.is_loopback(args.host) and token is None:
+        _say(sys.stderr, f"coding-gym: WARNING: no token; anyone who can reach {args.host} "
+                         "can run code on this machine")
+    if args.open:
+        import webbrowser
+
+        webbrowser.open(f"{url}/web/")
+    serving.redact_tokens_in_logs()
+    server = uvicorn.Server(serving.uvicorn_config(app, log_level="info"))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from coding_gym.backends.local import LocalBackend
+
+    try:
+        with open(args.file, encoding="utf-8") as f:
+            code = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"coding-gym: cannot read {args.file}: {e}", file=sys.stderr)
+        return 2
+    with LocalBackend(_limits(args)) as backend:
+        backend.reset()
+        result = backend.run(code)
+    _write(sys.stdout, result.stdout)
+    _write(sys.stderr, result.stderr)
+    for stream, truncated in (("stdout", result.stdout_truncated),
+                              ("stderr", result.stderr_truncated)):
+        if truncated:
+            _say(sys.stderr, f"[coding-gym] {stream} was cut at {_DEFAULTS.max_output_bytes} "
+                             "bytes")
+    return result.exit_code
+
+
+def _add_limit_arguments(parser: argparse.ArgumentParser, timeout_help: str) -> None:
+    parser.add_argument("--timeout-s", type=_positive_float, default=_DEFAULTS.timeout_s,
+                        help=f"{timeout_help}, in seconds (default: {_DEFAULTS.timeout_s:g})")
+    parser.add_argument("--memory-mb", type=_positive_int, default=_DEFAULTS.memory_mb,
+                        help=f"memory limit of an interpreter (default: {_DEFAULTS.memory_mb})")
+
+
+def _limits(args: argparse.Namespace) -> Limits:
+    return Limits(timeout_s=args.timeout_s, memory_mb=args.memory_mb)
+
+
+def _write(stream: TextIO, text: str) -> None:
+    # Bytes through the buffer: program output may hold characters the locale cannot encode.
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        stream.flush()
+        buffer.write(text.encode("utf-8", "replace"))
+        buffer.flush()
+    else:
+        stream.write(text)
+
+
+def _say(stream: TextIO, line: str) -> None:
+    print(line, file=stream, flush=True)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

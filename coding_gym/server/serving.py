@@ -1,0 +1,119 @@
+"""Running the app with uvicorn: in the foreground (``coding-gym serve``) or in a thread."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+_TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s\"]*")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def base_url(sock: socket.socket) -> str:
+    """``http://host:port`` of a bound socket, for clients on this machine."""
+    host, port = sock.getsockname()[:2]
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if sock.family == socket.AF_INET else "::1"
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def uvicorn_config(app: FastAPI, **options: Any) -> uvicorn.Config:
+    """uvicorn settings for an app of :func:`create_app`; ``options`` go to uvicorn.Config."""
+    limit = getattr(app.state, "max_message_bytes", None)
+    if limit is not None:
+        # Room above the app's own limit, so an oversized message gets the app's error
+        # reply; only a far larger one makes uvicorn drop the connection (close code 1009).
+        options.setdefault("ws_max_size", 4 * limit)
+    return uvicorn.Config(app, **options)
+
+
+class RedactTokens(logging.Filter):
+    """Hide ``?token=...`` in log lines: WebSocket URLs of the web UI carry the token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_TOKEN_IN_URL.sub(r"\1***", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
+
+
+def redact_tokens_in_logs() -> None:
+    """Install :class:`RedactTokens` on uvicorn's loggers."""
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactTokens) for f in logger.filters):
+            logger.addFilter(RedactTokens())
+
+
+class BackgroundServer:
+    """An app served by uvicorn in a thread of this process, on loopback by default.
+
+    Example:
+        >>> from coding_gym.server import create_app
+        >>> with BackgroundServer(create_app()) as server:  # doctest: +SKIP
+        ...     env = gymnasium.make("CodingEnv-v0", backend="remote", base_url=server.url)
+    """
+
+    def __init__(self, app: FastAPI, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self._sock = bind(host, port)
+        self.url = base_url(self._sock)
+        config = uvicorn_config(app, log_level="warning", access_log=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run,
+                                        kwargs={"sockets": [self._sock]},
+                                        name="coding-gym-server", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        """Start serving; returns once the server accepts connections."""
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server at {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop serving: connections are closed and every session's interpreter killed."""
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._sock.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,223 @@
+"""Sessions of the server: one LocalBackend each, a fixed capacity, idle sessions reaped.
+
+A session is one client's episode: a WebSocket connection, an HTTP session
+(``POST /sessions``), or a single stateless HTTP step. Backend calls block, so they run in a
+thread pool with one thread per possible session; a session runs one call at a time, which
+keeps its steps in order and the pool never short of a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+from coding_gym.backends.local import LocalBackend
+from coding_gym.models import Limits
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class CapacityReached(Exception):
+    """Every session slot is taken."""
+
+    def __init__(self, max_sessions: int) -> None:
+        super().__init__(
+            f"the server is at capacity: all {max_sessions} sessions are in use. Retry later, "
+            "close sessions you no longer need, or start the server with a larger "
+            "--max-sessions"
+        )
+        self.max_sessions = max_sessions
+
+
+class Session:
+    """One client's episode on its own :class:`LocalBackend`.
+
+    The methods that touch the backend block; :class:`SessionManager` runs them in its pool.
+    """
+
+    def __init__(self, session_id: str, limits: Limits) -> None:
+        self.id = session_id
+        self.limits = limits
+        self.backend = LocalBackend(limits)
+        self.episode_id: str | None = None
+        self.step_count = 0
+        self.last_exit_code: int | None = None
+        self.last_active = time.monotonic()
+        self.busy = False
+        self.lock = asyncio.Lock()
+        #: Set by the owner of a connection: ends it when the session is reaped.
+        self.on_expire: Callable[[], Awaitable[None]] | None = None
+
+    def reset(self, seed: int | None = None, episode_id: str | None = None) -> dict[str, Any]:
+        """Start a fresh interpreter and a new episode; the reset reply."""
+        self.backend.reset()
+        self.episode_id = episode_id or new_episode_id(seed)
+        self.step_count = 0
+        self.last_exit_code = None
+        return reset_reply(self.episode_id)
+
+    def step(self, code: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """Run ``code`` (starting an episode first if none has started); the step reply."""
+        if self.episode_id is None:
+            self.reset()
+        # A client may shorten the step's time limit, never lengthen it past the server's.
+        limit_s = self.limits.timeout_s if timeout_s is None else min(timeout_s,
+                                                                      self.limits.timeout_s)
+        result = self.backend.run(code, timeout_s=limit_s)
+        self.step_count += 1
+        self.last_exit_code = result.exit_code
+        info = result.info()
+        info.update(episode_id=self.episode_id, step=self.step_count)
+        return {
+            "observation": {"stdout": result.stdout, "stderr": result.stderr,
+                            "exit_code": result.exit_code},
+            "reward": 0.0,
+            "done": False,
+            "info": info,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """The state reply: episode id, steps taken, last exit code."""
+        return {"episode_id": self.episode_id, "step_count": self.step_count,
+                "last_exit_code": self.last_exit_code}
+
+    def interrupt(self) -> None:
+        """Kill the running interpreter now; thread-safe."""
+        self.backend.interrupt()
+
+    def close(self) -> None:
+        """Kill the interpreter and remove its directory."""
+        self.backend.close()
+
+
+def new_episode_id(seed: int | None = None) -> str:
+    """A random episode id, or one derived from ``seed`` so that a seeded reset repeats it."""
+    if seed is None:
+        return uuid.uuid4().hex
+    return uuid.UUID(bytes=random.Random(seed).randbytes(16), version=4).hex
+
+
+def reset_reply(episode_id: str) -> dict[str, Any]:
+    """The reply to a reset: empty output, exit code 0, no reward yet."""
+    return {
+        "observation": {"stdout": "", "stderr": "", "exit_code": 0},
+        "reward": None,
+        "done": False,
+        "info": {"episode_id": episode_id, "step": 0},
+    }
+
+
+class SessionManager:
+    """Owns every session: opens them up to ``max_sessions``, runs their calls, reaps the idle.
+
+    Args:
+        limits: Limits of every session's interpreter; clients may only shorten the timeout.
+        max_sessions: Sessions (so interpreters) alive at once.
+        idle_timeout_s: A session without a request for this long is closed.
+    """
+
+    def __init__(self, limits: Limits, max_sessions: int, idle_timeout_s: float) -> None:
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
+        if idle_timeout_s <= 0:
+            raise ValueError(f"idle_timeout_s must be positive, got {idle_timeout_s}")
+        self.limits = limits
+        self.max_sessions = max_sessions
+        self.idle_timeout_s = idle_timeout_s
+        self._sessions: dict[str, Session] = {}
+        self._pool = ThreadPoolExecutor(max_sessions, thread_name_prefix="coding-gym-session")
+        self._reaper: asyncio.Task[None] | None = None
+
+    @property
+    def active(self) -> int:
+        """Sessions holding a slot, including those still closing."""
+        return len(self._sessions)
+
+    def open(self) -> Session:
+        """A new session (its interpreter starts on first use), or :class:`CapacityReached`."""
+        if len(self._sessions) >= self.max_sessions:
+            raise CapacityReached(self.max_sessions)
+        session = Session(secrets.token_urlsafe(18), self.limits)
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session | None:
+        """The open session with this id, if any."""
+        return self._sessions.get(session_id)
+
+    def sessions(self) -> list[Session]:
+        """Every session holding a slot."""
+        return list(self._sessions.values())
+
+    async def call(self, session: Session, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (a blocking session method) in the pool, one call at a time."""
+        async with session.lock:
+            session.busy = True
+            try:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._pool, partial(fn, *args))
+            finally:
+                session.busy = False
+                session.last_active = time.monotonic()
+
+    async def interrupt(self, session: Session) -> None:
+        """Kill the session's running interpreter, without waiting for its call to return."""
+        # Not in the pool: the session's own call may hold the thread it would need.
+        await asyncio.to_thread(session.interrupt)
+
+    async def close(self, session: Session) -> None:
+        """Close the session once its current call is over; its slot is free on return."""
+        if session.id not in self._sessions:
+            return
+        try:
+            await self.call(session, session.close)
+        finally:
+            self._sessions.pop(session.id, None)
+
+    def start_reaper(self) -> None:
+        """Start closing idle sessions (from a running event loop)."""
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        interval_s = min(self.idle_timeout_s / 4, 5.0)
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.reap_idle()
+            except Exception:
+                logger.exception("reaping idle sessions failed")
+
+    async def reap_idle(self) -> None:
+        """Close every session idle for longer than ``idle_timeout_s``."""
+        now = time.monotonic()
+        idle = [s for s in self.sessions()
+                if not s.busy and not s.lock.locked()
+                and now - s.last_active > self.idle_timeout_s]
+        for session in idle:
+            logger.info("closing session %s: idle for %.0f s", session.id[:8],
+                        now - session.last_active)
+            if session.on_expire is not None:
+                await session.on_expire()
+            await self.close(session)
+
+    async def shutdown(self) -> None:
+        """Stop reaping and close every session."""
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        sessions = self.sessions()
+        for session in sessions:
+            await self.interrupt(session)
+        await asyncio.gather(*(self.close(s) for s in sessions), return_exceptions=True)
+        self._pool.shutdown(wait=False)

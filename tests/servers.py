@@ -1,0 +1,50 @@
+"""Real servers for tests: the app served by uvicorn on a free loopback port."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from coding_gym.models import Limits
+from coding_gym.server import create_app
+from coding_gym.server.serving import BackgroundServer
+from coding_gym.server.sessions import SessionManager
+
+#: Short step limit, so that tests of runaway code stay short.
+TEST_LIMITS = Limits(timeout_s=5.0)
+
+
+@contextmanager
+def running_server(**options: Any) -> Iterator[BackgroundServer]:
+    """``create_app(**options)`` served on 127.0.0.1; every session is closed on exit."""
+    options.setdefault("limits", TEST_LIMITS)
+    with BackgroundServer(create_app(**options)) as server:
+        yield server
+
+
+def sessions_of(server: BackgroundServer) -> SessionManager:
+    manager: SessionManager = server.app.state.sessions
+    return manager
+
+
+def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0) -> Any:
+    """Poll ``condition`` until it is truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"condition not met within {timeout_s} s"
+        time.sleep(0.02)
+
+
+def pid_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
