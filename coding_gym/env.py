@@ -83,7 +83,9 @@ class CodingEnv(gym.Env[Observation, str]):
     reaches the grading, and returned values and output are compared in this process; see
     :mod:`coding_gym.tasks.grading` for what the sandbox can still influence. The reward is
     the state of the program after the step, not a difference: a step that changes nothing
-    earns the same reward again. A backend failure is never reward: 0.0 (see Episode End).
+    earns the same reward again. A program the env has already graded in full on the same
+    task is not run again: its results are remembered (4096 gradings per env). A backend
+    failure is never reward: 0.0 (see Episode End).
 
     ## Starting State
 

@@ -8,6 +8,7 @@ the grading.
 from __future__ import annotations
 
 import difflib
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,9 @@ import numpy as np
 from coding_gym.models import ExecResult
 from coding_gym.tasks.grading import Grader, GradeReport
 from coding_gym.tasks.task import Task
+
+#: Gradings an env remembers; the least recently used is forgotten first.
+MEMO_SIZE = 4096
 
 
 class TaskEpisodes:
@@ -34,7 +38,7 @@ class TaskEpisodes:
         self.binary_reward = binary_reward
         self.task: Task | None = None
         self._cells: list[str] = []
-        self._last: tuple[str, GradeReport] | None = None
+        self._memo: OrderedDict[tuple[str, str], GradeReport] = OrderedDict()
 
     @property
     def max_prompt_length(self) -> int:
@@ -55,7 +59,6 @@ class TaskEpisodes:
                 f"{len(self.tasks)} tasks.{hint}"
             )
         self._cells = []
-        self._last = None
         return self.task
 
     def program(self, code: str, result: ExecResult) -> str:
@@ -74,16 +77,25 @@ class TaskEpisodes:
         return "\n".join(self._cells) + ("\n" if self._cells else "")
 
     def grade(self, program: str) -> GradeReport:
-        """Grade ``program``; a program graded just before is not run again.
+        """Grade ``program`` on the episode's task.
+
+        A program this env already graded in full on the same task is not run again (its
+        report is remembered); one whose grading was cut short is.
 
         Raises:
             BackendError: the grading backend failed.
         """
         assert self.task is not None
-        if self._last is not None and self._last[0] == program:
-            return self._last[1]
+        key = (self.task.task_id, program)
+        report = self._memo.get(key)
+        if report is not None:
+            self._memo.move_to_end(key)
+            return report
         report = self.grader.grade(self.task, program)
-        self._last = (program, report)
+        if report.finished:
+            self._memo[key] = report
+            if len(self._memo) > MEMO_SIZE:
+                self._memo.popitem(last=False)
         return report
 
     def reward(self, report: GradeReport) -> float:

@@ -57,10 +57,15 @@ class TestResult:
 
 @dataclass(frozen=True)
 class GradeReport:
-    """The results of one program on every test of one task, in the task's order."""
+    """The results of one program on every test of one task, in the task's order.
+
+    ``finished`` is False when the grading was cut short (a time or resource limit, the
+    program ending the process): the tests not reported then failed.
+    """
 
     task_id: str
     results: tuple[TestResult, ...]
+    finished: bool = True
 
     @property
     def passed(self) -> int:
@@ -125,7 +130,9 @@ class Grader:
         code = f"{_harness_source()}\nrun_tests(loads({json.dumps(payload)!r}))\n"
         self.backend.reset()
         result = self.backend.run(code)
-        return GradeReport(task.task_id, _judge(task.tests, nonce, result))
+        records, repeated, finished = _records(result.stdout, nonce, len(task.tests))
+        results = _judge(task.tests, records, repeated, _missing_reason(result))
+        return GradeReport(task.task_id, results, finished)
 
     def close(self) -> None:
         """Release the backend; safe to call twice."""
@@ -190,11 +197,14 @@ def _wire_test(index: int, test: Test) -> dict[str, Any]:
     return {"i": index, "kind": "assert", "code": test.code}
 
 
-def _records(stdout: str, nonce: str, count: int) -> tuple[dict[int, dict[str, Any]], set[int]]:
-    """The harness's records by test index, and the indices reported more than once."""
+def _records(stdout: str, nonce: str,
+             count: int) -> tuple[dict[int, dict[str, Any]], set[int], bool]:
+    """The harness's records by test index, the indices reported more than once, and whether
+    the harness reached its end."""
     prefix = nonce + " "
     records: dict[int, dict[str, Any]] = {}
     repeated: set[int] = set()
+    finished = False
     for line in stdout.splitlines():
         if not line.startswith(prefix):
             continue
@@ -202,18 +212,20 @@ def _records(stdout: str, nonce: str, count: int) -> tuple[dict[int, dict[str, A
             record = json.loads(line[len(prefix):])
         except ValueError:
             continue
+        if record == {"done": True}:
+            finished = True
+            continue
         index = record.get("i") if isinstance(record, dict) else None
         if type(index) is not int or not 0 <= index < count:
             continue
         if index in records:
             repeated.add(index)
         records[index] = record
-    return records, repeated
+    return records, repeated, finished
 
 
-def _judge(tests: Sequence[Test], nonce: str, result: ExecResult) -> tuple[TestResult, ...]:
-    records, repeated = _records(result.stdout, nonce, len(tests))
-    missing = _missing_reason(result)
+def _judge(tests: Sequence[Test], records: dict[int, dict[str, Any]], repeated: set[int],
+           missing: str) -> tuple[TestResult, ...]:
     outcomes = []
     for index, test in enumerate(tests):
         if index in repeated:

@@ -188,3 +188,28 @@ def test_sync_vector_env_with_tasks():
         assert np.all(rewards == 1.0) and terminated.all() and not truncated.any()
     finally:
         envs.close()
+
+
+class _CountingGrader(Grader):
+    def __init__(self) -> None:
+        super().__init__()
+        self.programs: list[str] = []
+
+    def grade(self, task, program):
+        self.programs.append(program)
+        return super().grade(task, program)
+
+
+def test_finished_gradings_are_remembered_and_cut_short_ones_are_not(env):
+    assert env._tasks is not None
+    env._tasks.grader.close()
+    counting = env._tasks.grader = _CountingGrader()
+    solution, exits = "def double(x): return 2 * x", "import os\nos._exit(0)"
+    for _ in range(2):
+        env.reset(options={"task_id": "t/double"})
+        assert env.step(solution)[1] == 1.0
+    assert counting.programs == [solution + "\n"]
+    env.reset(options={"task_id": "t/shout"})
+    for _ in range(2):
+        assert env.step(exits)[1] == 0.0
+    assert counting.programs[1:] == [exits, exits]
