@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 KillReason = Literal["timeout", "memory", "signal", "crash"]
@@ -43,6 +44,70 @@ class Limits:
     def with_timeout(self, timeout_s: float | None) -> Limits:
         """The same limits with another step timeout (``None`` keeps this one)."""
         return self if timeout_s is None else replace(self, timeout_s=float(timeout_s))
+
+
+@dataclass(frozen=True)
+class Isolation:
+    """Which isolation layers wrap the sandbox worker; each one can be turned off.
+
+    A layer the machine does not allow (no root, no libseccomp, inside a default Docker
+    container) is skipped and the worker's report says why; with ``strict=True`` the worker
+    refuses to start instead. See SECURITY.md for what each layer guarantees.
+
+    Attributes:
+        network: A network namespace of its own: only a loopback interface, no route out.
+        filesystem: A mount and IPC namespace: everything read-only except the episode's
+            directory and a private /tmp and /dev/shm; home directories hidden.
+        user: An unprivileged uid of its own per episode (needs root to set up).
+        seccomp: A system call filter: no sockets but AF_UNIX, no ptrace, mount, namespaces,
+            BPF, keyrings, module loading, reboot and the like.
+        cgroup: A memory and pids cgroup per worker (the process cap that binds root).
+        rlimits: Resource limits for memory, file size, open files and core dumps.
+        strict: Refuse to start a worker when a layer that is on cannot be applied.
+    """
+
+    network: bool = True
+    filesystem: bool = True
+    user: bool = True
+    seccomp: bool = True
+    cgroup: bool = True
+    rlimits: bool = True
+    strict: bool = False
+
+    @classmethod
+    def none(cls) -> Isolation:
+        """Every layer off: the worker runs with the caller's privileges (trusted code only)."""
+        return cls(network=False, filesystem=False, user=False, seccomp=False, cgroup=False,
+                   rlimits=False)
+
+    @classmethod
+    def coerce(cls, value: Isolation | Mapping[str, bool] | None) -> Isolation:
+        """An :class:`Isolation` from itself, a mapping of its fields, or None (the default)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(
+                    f"Unknown isolation option(s) {unknown}; expected some of {sorted(known)}"
+                )
+            for name, flag in value.items():
+                if not isinstance(flag, bool):
+                    raise ValueError(
+                        f"isolation[{name!r}] must be True or False, got {flag!r}"
+                    )
+            return cls(**value)
+        raise TypeError(
+            f"Expected isolation to be an Isolation, a dict of its fields or None, "
+            f"got {type(value).__name__} ({value!r})"
+        )
+
+    def layers(self) -> dict[str, bool]:
+        """Layer name -> on, without ``strict``."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "strict"}
 
 
 @dataclass

@@ -76,6 +76,17 @@ def probe() -> CgroupSupport:
     return CgroupSupport(0, reason="no cgroup memory and pids controllers are mounted")
 
 
+def layer_report(requested: bool, group: Cgroup | None) -> dict[str, object]:
+    """The cgroup layer's entry in a worker's isolation report."""
+    if not requested:
+        return {"active": False, "detail": "turned off"}
+    if group is None:
+        return {"active": False, "detail": probe().reason or "the cgroup could not be created"}
+    version = probe().version
+    return {"active": True, "detail": f"cgroup v{version}: memory and pids limits, "
+            "every process of the episode killed with it"}
+
+
 class Cgroup:
     """The cgroup(s) of one worker. Use :meth:`create`; it returns None where unsupported."""
 

@@ -1,17 +1,39 @@
-"""Limits the worker applies to itself before it runs any code.
+"""The isolation of a sandbox worker: one call, :func:`apply`, before any agent code runs.
 
-Runs inside the worker (standard library only). The parent adds what a process cannot do to
-itself from inside: the cgroup (see ``cgroups.py``) and the wall-clock kill.
+The parent describes what it wants with :func:`worker_config` (a JSON-able dict); the worker,
+just started or just forked, passes it to :func:`apply`, which applies every layer that is on
+and that the machine allows, in this order:
+
+1. ``network`` and ``filesystem``: new network, mount and IPC namespaces (``namespaces.py``);
+2. ``user``: the episode's own unprivileged uid (``uids.py``), after the imports and mounts
+   that need root;
+3. ``rlimits``: memory, file size, open files, processes, core dumps;
+4. ``seccomp``: the system call filter (``seccomp.py``), last, as it forbids the calls above.
+
+Each layer that cannot be applied is skipped and the returned report says why; with
+``strict`` the worker refuses to start instead. The parent adds the one layer a process cannot
+apply to itself, the cgroup (``cgroups.py``), and the wall-clock kill.
+
+Runs inside the worker: standard library only.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import resource
 import sys
+from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
+from coding_gym.sandbox import namespaces, seccomp, uids
+from coding_gym.sandbox.libc import libc
+
 _MB = 1024 * 1024
+
+#: Layers applied inside the worker, in the order of :func:`apply`; the parent adds "cgroup".
+WORKER_LAYERS = ("network", "filesystem", "user", "rlimits", "seccomp")
 
 #: Variables the worker's environment keeps from the parent: nothing secret, and needed for
 #: numerical libraries to run correctly on some CPUs.
@@ -24,6 +46,15 @@ _ONE_THREAD = {
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                  "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
 }
+
+#: Directories hidden from the agent by the filesystem layer, except for what Python needs.
+_HOME_DIRECTORIES = ("/root", "/home")
+
+Report = dict[str, dict[str, Any]]
+
+
+class IsolationError(RuntimeError):
+    """A layer that was asked for could not be applied, and the config is strict."""
 
 
 def worker_environment(workdir: str) -> dict[str, str]:
@@ -46,6 +77,257 @@ def worker_environment(workdir: str) -> dict[str, str]:
     return env
 
 
+def worker_config(layers: Mapping[str, bool], limits: Mapping[str, Any], workdir: str, *,
+                  uid: int | None = None, strict: bool = False) -> dict[str, Any]:
+    """What the parent sends to :func:`apply`: layers on/off, limits, directory, leased uid.
+
+    The seccomp filter is compiled here, once per parent process, and travels in the config:
+    compiling costs milliseconds, loading a compiled program a few microseconds. It refuses
+    signals to this process and its ancestors, which are the worker's ancestors too.
+
+    Args:
+        layers: Layer name -> on, as :meth:`coding_gym.models.Isolation.layers` gives it.
+        limits: ``memory_mb``, ``max_file_mb``, ``max_open_files`` and ``max_processes``.
+        workdir: The episode's directory (it must exist).
+        uid: The uid leased for the episode (:class:`uids.UidLease`), or None without one.
+        strict: Make :func:`apply` raise when a layer that is on cannot be applied.
+    """
+    on = {name: bool(layers.get(name, True)) for name in WORKER_LAYERS}
+    config: dict[str, Any] = {
+        "layers": on,
+        "limits": {name: int(limits[name]) for name in
+                   ("memory_mb", "max_file_mb", "max_open_files", "max_processes")},
+        "workdir": os.path.abspath(workdir),
+        "uid": uid,
+        "strict": strict,
+    }
+    if on["seccomp"]:
+        try:
+            protected = (os.getpid(), *seccomp.protected_pids())
+            program = seccomp.compile_filter(on["network"], protected)
+            config["seccomp"] = {"program": base64.b64encode(program).decode("ascii")}
+        except OSError as e:
+            config["seccomp"] = {"error": str(e)}
+    return config
+
+
+def prepare() -> None:
+    """Do ahead of time what :func:`apply` would otherwise compute in every worker.
+
+    A parent that forks workers calls this once before forking.
+    """
+    _python_paths()
+    libc()
+
+
+def apply(config: Mapping[str, Any]) -> Report:
+    """Apply every layer of ``config`` that is on; return layer -> {active, detail}.
+
+    Call once, in the worker, while it is single-threaded and before any agent code runs.
+    """
+    layers: Mapping[str, bool] = config["layers"]
+    report: Report = {}
+    become_subreaper()
+
+    uid = _leased_uid(config, report)
+    hidden = _unreachable_roots() if uid is not None else []
+    if uid is not None and hidden and not layers["filesystem"]:
+        _off(report, "user", f"Python lives under {', '.join(hidden)}, which other users "
+             "cannot enter; turn the filesystem layer on (it shows the worker only the "
+             "interpreter's directories there) or install Python where every user can read it")
+        uid = None
+
+    _apply_namespaces(config, hidden, report)
+
+    if uid is not None:
+        try:
+            uids.drop(uid)
+        except OSError as e:
+            _off(report, "user", f"could not switch to uid {uid}: {e}")
+        else:
+            os.environ["USER"] = os.environ["LOGNAME"] = "sandbox"
+            _on(report, "user", f"uid and gid {uid} (the episode's own), no supplementary "
+                "groups, no capabilities")
+
+    if not layers["rlimits"]:
+        _off(report, "rlimits", "turned off")
+    else:
+        try:
+            detail = _apply_rlimits(config["limits"], own_uid=report["user"]["active"])
+            _on(report, "rlimits", detail)
+        except (OSError, ValueError) as e:
+            _off(report, "rlimits", f"setrlimit failed: {e}")
+
+    _apply_seccomp(config, report)
+
+    failed = [f"{name} ({report[name]['detail']})" for name in WORKER_LAYERS
+              if layers[name] and not report[name]["active"]]
+    if failed and config.get("strict"):
+        raise IsolationError("isolation is strict, and these layers could not be applied: "
+                             + "; ".join(failed))
+    return {name: report[name] for name in WORKER_LAYERS}
+
+
+def _on(report: Report, name: str, detail: str) -> None:
+    report[name] = {"active": True, "detail": detail}
+
+
+def _off(report: Report, name: str, detail: str) -> None:
+    report[name] = {"active": False, "detail": detail}
+
+
+def _leased_uid(config: Mapping[str, Any], report: Report) -> int | None:
+    """The uid to switch to once the namespaces are built, or None (and why, in the report)."""
+    uid = config.get("uid")
+    if not config["layers"]["user"]:
+        _off(report, "user", "turned off")
+    elif os.geteuid() != 0:
+        _off(report, "user", f"not running as root: the worker keeps uid {os.geteuid()}, so "
+             "its code can signal and read other processes of that user")
+    elif not isinstance(uid, int) or uid <= 0:
+        _off(report, "user", "the parent leased no uid for the episode")
+    else:
+        try:
+            # Through an O_NOFOLLOW handle: code of an earlier worker of the episode may
+            # have swapped the directory for a symbolic link to something root owns.
+            fd = os.open(config["workdir"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                os.fchown(fd, uid, uid)
+            finally:
+                os.close(fd)
+            return uid
+        except OSError as e:
+            _off(report, "user", f"could not give the episode directory to uid {uid}: {e}")
+    return None
+
+
+def _apply_namespaces(config: Mapping[str, Any], hidden: list[str], report: Report) -> None:
+    layers = config["layers"]
+    network, filesystem = bool(layers["network"]), bool(layers["filesystem"])
+    for name, on in (("network", network), ("filesystem", filesystem)):
+        if not on:
+            _off(report, name, "turned off")
+    if not (network or filesystem):
+        return
+    try:
+        in_user_namespace = namespaces.unshare(network, filesystem)
+    except OSError as e:
+        for name, on in (("network", network), ("filesystem", filesystem)):
+            if on:
+                _off(report, name, f"cannot create namespaces ({e}); a container needs "
+                     "CAP_SYS_ADMIN for them (and --network none keeps it off the network)")
+        return
+    if network:
+        try:
+            namespaces.loopback_up()
+            _on(report, "network", "network namespace with loopback only")
+        except OSError as e:
+            _on(report, "network", f"network namespace with no interface up (loopback: {e})")
+    if filesystem:
+        masked = _masked(hidden)
+        plan = namespaces.FilesystemPlan(
+            workdir=config["workdir"],
+            masked=masked,
+            exposed=[path for path in _python_paths()
+                     if any(path.startswith(m + "/") for m in masked)],
+            tmp_bytes=int(config["limits"]["memory_mb"]) * _MB,
+        )
+        try:
+            result = namespaces.isolate_filesystem(plan)
+        except OSError as e:
+            _off(report, "filesystem", f"could not set up the mount namespace: {e}")
+        else:
+            if result.stuck:
+                _off(report, "filesystem",
+                     "mounts that stayed writable: " + ", ".join(result.stuck))
+            else:
+                hidden_text = f"; hidden: {', '.join(masked)}" if masked else ""
+                proc_text = ("/proc showing only the uid's own processes" if
+                             result.processes_hidden else "the machine's /proc")
+                _on(report, "filesystem", "read-only, nosuid root; private /tmp, /dev, "
+                    f"/dev/shm and IPC; {proc_text}{hidden_text}; writable: "
+                    f"{config['workdir']}")
+    if in_user_namespace:
+        # Without this, agent code would keep CAP_SYS_ADMIN over its own namespaces.
+        namespaces.drop_capabilities()
+
+
+def _apply_seccomp(config: Mapping[str, Any], report: Report) -> None:
+    layers = config["layers"]
+    if not layers["seccomp"]:
+        _off(report, "seccomp", "turned off")
+        return
+    compiled = config.get("seccomp") or {"error": "the parent sent no seccomp program"}
+    try:
+        if "program" not in compiled:
+            raise seccomp.SeccompUnavailable(compiled.get("error", "no program"))
+        seccomp.load(base64.b64decode(compiled["program"]))
+    except (OSError, ValueError) as e:
+        _off(report, "seccomp", str(e))
+        return
+    denied = "ptrace, mount, namespaces, bpf, io_uring, keyrings, modules, reboot and more"
+    if layers["network"]:
+        denied = "sockets other than AF_UNIX, " + denied
+        if not report["network"]["active"]:
+            # The second wall holds where the first could not be built.
+            _on(report, "network", "no network namespace, but the seccomp filter refuses "
+                f"every socket other than AF_UNIX ({report['network']['detail']})")
+    _on(report, "seccomp", "denied: " + denied + "; signals to the parent refused")
+
+
+@lru_cache(maxsize=1)
+def _python_paths() -> tuple[str, ...]:
+    """Directories the interpreter reads from (standard library, site-packages, binary)."""
+    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+                  os.path.dirname(os.path.realpath(sys.executable))}
+    candidates.update(path for path in sys.path if os.path.isabs(path))
+    paths = set()
+    for path in candidates:
+        if not os.path.exists(path):
+            continue
+        real = os.path.realpath(path)
+        paths.add(real if os.path.isdir(real) else os.path.dirname(real))
+    # Keep the outermost only: binding a directory brings its subdirectories along.
+    ordered = sorted(paths)
+    kept: list[str] = []
+    for path in ordered:
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return tuple(kept)
+
+
+def _unreachable_roots() -> list[str]:
+    """The outermost ancestors of the interpreter's directories that ``uid`` cannot enter.
+
+    Judged by the "other" permission bits, which are what apply to a uid of its own.
+    """
+    roots: list[str] = []
+    for path in _python_paths():
+        parts = path.strip("/").split("/")
+        for depth in range(1, len(parts) + 1):
+            ancestor = "/" + "/".join(parts[:depth])
+            try:
+                if os.stat(ancestor).st_mode & 0o001:
+                    continue
+            except OSError:
+                break
+            if ancestor not in roots:
+                roots.append(ancestor)
+            break
+    return roots
+
+
+def _masked(hidden: list[str]) -> list[str]:
+    """Directories to replace with an empty tmpfs: home directories and ``hidden``."""
+    masked: list[str] = []
+    for path in [*_HOME_DIRECTORIES, *hidden]:
+        if os.path.isdir(path) and not os.path.islink(path) and not any(
+            path == m or path.startswith(m + "/") for m in masked
+        ):
+            masked.append(path)
+    return masked
+
+
 def _set_limit(kind: int, value: int) -> None:
     """Lower a resource limit; never try to raise a hard limit above what we were given."""
     _, hard = resource.getrlimit(kind)
@@ -54,25 +336,42 @@ def _set_limit(kind: int, value: int) -> None:
     resource.setrlimit(kind, (value, value))
 
 
-def apply_rlimits(limits: dict[str, Any]) -> None:
-    """Address space, file size, open files and core dumps, from a ``Limits`` as a dict."""
+def _apply_rlimits(limits: Mapping[str, Any], own_uid: bool) -> str:
+    """Address space, file size, open files, core dumps and processes; says what was set."""
     _set_limit(resource.RLIMIT_AS, int(limits["memory_mb"]) * _MB)
     _set_limit(resource.RLIMIT_FSIZE, int(limits["max_file_mb"]) * _MB)
     _set_limit(resource.RLIMIT_NOFILE, int(limits["max_open_files"]))
     _set_limit(resource.RLIMIT_CORE, 0)
-    # RLIMIT_NPROC counts every process of the uid and does not bind root; the pids cgroup is
-    # the cap that holds. It still helps for unprivileged users.
-    if os.geteuid() != 0:
+    detail = "address space, file size, open files, no core dumps"
+    # RLIMIT_NPROC counts every task of the real uid and does not bind root. With the
+    # episode's own uid it is an exact cap; with the caller's uid it can only be set above
+    # what that user already runs. The pids cgroup is the cap that binds root.
+    if own_uid:
         _set_limit(resource.RLIMIT_NPROC, int(limits["max_processes"]))
+        detail += ", processes of the episode's uid"
+    elif os.geteuid() != 0:
+        _set_limit(resource.RLIMIT_NPROC, _tasks_of(os.getuid()) + int(limits["max_processes"]))
+        detail += ", processes (counted with the user's other processes)"
+    return detail
+
+
+def _tasks_of(uid: int) -> int:
+    """Threads of every process of ``uid``: what RLIMIT_NPROC counts."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == uid:
+                    count += len(os.listdir(f"/proc/{entry}/task"))
+            except OSError:
+                pass
+    return count
 
 
 def become_subreaper() -> bool:
     """Make orphaned descendants re-parent to the worker, so the parent can still find them."""
     try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
         pr_set_child_subreaper = 36
-        return bool(libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
+        return bool(libc().prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
     except (OSError, AttributeError):
         return False
