@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
 from coding_gym.errors import BackendError, ServerError
@@ -72,18 +73,21 @@ class ServerConnection:
 
     @property
     def connected(self) -> bool:
-        """True while the WebSocket is open."""
-        return self._ws is not None
+        """True while the WebSocket is open (the server may have closed it since)."""
+        return self._ws is not None and self._ws.protocol.state is State.OPEN
 
     def open(self) -> None:
         """Open the WebSocket, unless it is open already."""
-        if self._ws is not None:
+        if self.connected:
             return
+        self.close()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         try:
+            # Entered like a context manager (closed by close()): websockets >= 17 warns
+            # about connections opened otherwise.
             self._ws = connect(self.url, additional_headers=headers,
                                open_timeout=self.connect_timeout_s,
-                               max_size=self.max_reply_bytes, close_timeout=2)
+                               max_size=self.max_reply_bytes, close_timeout=2).__enter__()
         except InvalidStatus as e:
             raise BackendError(
                 f"the server at {self.url} refused the WebSocket connection with HTTP "
@@ -109,7 +113,12 @@ class ServerConnection:
                 "and the server ended the session"
             ) from e
         except ConnectionClosed as e:
-            self._ws = None
+            ws, self._ws = self._ws, None
+            # A server that turns a connection away says why first (CAPACITY_REACHED),
+            # possibly before this request was even sent.
+            last_words = _buffered_message(ws)
+            if last_words is not None:
+                self._reply_data(last_words)
             raise BackendError(self._closed_message(e)) from e
         except OSError as e:
             self.close()
@@ -156,6 +165,14 @@ class ServerConnection:
         ws.close()
 
 
+def _buffered_message(ws: ClientConnection) -> str | bytes | None:
+    """A message received before the connection closed and not yet read, if any."""
+    try:
+        return ws.recv(timeout=0)
+    except (ConnectionClosed, TimeoutError):
+        return None
+
+
 class RemoteBackend:
     """The Backend protocol over a server's ``/ws``: one server session per episode.
 
@@ -193,6 +210,11 @@ class RemoteBackend:
     def url(self) -> str:
         """The server's WebSocket URL."""
         return self._connection.url
+
+    @property
+    def connected(self) -> bool:
+        """True while the server session is open."""
+        return self._connection.connected
 
     def reset(self) -> None:
         """End the server session's episode and start a new one (a new session if need be)."""
