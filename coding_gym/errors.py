@@ -40,5 +40,10 @@ class WorkerStartError(BackendError):
     """The sandbox worker process could not be started."""
 
 
+class ContainerStartError(BackendError):
+    """A server container exited, or did not answer ``/health`` in time; the message holds
+    its last log lines."""
+
+
 class SharedMemoryUnsupported(CodingGymError, ValueError):
     """A text space was asked to live in shared memory, which cannot hold variable-length text."""

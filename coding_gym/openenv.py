@@ -16,6 +16,7 @@ facts (timings, truncation, kill reason, lost state) beside it, in :attr:`StepRe
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +90,8 @@ class CodingEnv:
 
     Failures raise :class:`coding_gym.errors.BackendError`; an error reply from the server
     raises its subclass :class:`coding_gym.errors.ServerError`, whose ``code`` says which
-    kind. :meth:`close` ends the session and leaves the server running.
+    kind. :meth:`close` ends the session and leaves the server running, unless the client
+    started the server itself with :meth:`from_docker_image`.
     """
 
     def __init__(self, base_url: str, *, token: str | None = None,
@@ -97,6 +99,40 @@ class CodingEnv:
         self._connection = ServerConnection(base_url, token=token,
                                             connect_timeout_s=connect_timeout_s)
         self.message_timeout_s = message_timeout_s
+        # Set by from_docker_image: removes the container this client started.
+        self._release_container: weakref.finalize | None = None
+
+    @classmethod
+    def from_docker_image(cls, image: str, *, memory_mb: int | None = 4096,
+                          max_processes: int | None = 1024, startup_timeout_s: float = 60.0,
+                          **options: Any) -> CodingEnv:
+        """Start a container from ``image``, wait for its server, and connect to it.
+
+        The container publishes its port on 127.0.0.1 only and its server requires a random
+        token that only this client knows. :meth:`close` removes the container; so does
+        interpreter exit if the client is never closed.
+
+        Args:
+            image: An image built from the project's Dockerfile, e.g. ``"coding-env:latest"``.
+            memory_mb: Memory limit of the container, or None.
+            max_processes: Processes and threads the container may hold, or None.
+            startup_timeout_s: How long the server may take to answer ``/health``; after
+                that, or if the container exits, :class:`coding_gym.errors.ContainerStartError`
+                is raised with its last log lines.
+            **options: Passed to the constructor (``connect_timeout_s``,
+                ``message_timeout_s``).
+        """
+        from coding_gym.containers import ContainerSpec, lease_container
+
+        spec = ContainerSpec(image, memory_mb=memory_mb, max_processes=max_processes)
+        lease = lease_container(spec, shared=False, startup_timeout_s=startup_timeout_s)
+        try:
+            client = cls(lease.container.base_url, token=lease.container.token, **options)
+        except BaseException:
+            lease.release()
+            raise
+        client._release_container = weakref.finalize(client, lease.release)
+        return client
 
     @property
     def url(self) -> str:
@@ -137,8 +173,11 @@ class CodingEnv:
             raise BackendError(f"the server sent an invalid state: {e}") from e
 
     def close(self) -> None:
-        """End the session (the server keeps running); safe to call twice."""
+        """End the session; safe to call twice. The server keeps running, unless this client
+        started it with :meth:`from_docker_image`: then its container is removed."""
         self._connection.close()
+        if self._release_container is not None:
+            self._release_container()
 
     def __enter__(self) -> CodingEnv:
         return self

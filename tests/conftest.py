@@ -1,4 +1,4 @@
-"""Shared fixtures: process accounting for leak checks."""
+"""Shared fixtures: process accounting for leak checks; Docker engine and image."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from tests.docker_support import _docker_marker, docker_client, server_image  # noqa: F401
 from tests.helpers import descendant_pids
 
 
