@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs from scratch, then run lint, types and the tests.
 #   scripts/test.sh [pytest args...]
-# Idempotent: reuses .venv and installed system packages. In CI (CI=true) tests that need
-# Docker or a browser are required: they fail, rather than skip, when the service is missing.
+# Idempotent: reuses .venv, installed system packages, the Docker engine and the image. In CI
+# (CI=true) tests that need Docker or a browser are required: they fail, rather than skip, when
+# the service is missing (CODING_GYM_REQUIRE_DOCKER=1 asks the same of Docker elsewhere).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,16 @@ log "ruff"
 .venv/bin/ruff check --output-format concise coding_gym tests benchmarks examples
 log "mypy"
 .venv/bin/mypy coding_gym
+
+# The Docker engine and the server image (both reused when they exist). Where Docker tests
+# are required a failure here ends the run; elsewhere those tests skip and say how to run them.
+log "Docker engine and server image"
+if [ "${CI:-}" = true ] || [ "${CODING_GYM_REQUIRE_DOCKER:-}" = 1 ]; then
+    bash scripts/docker-engine.sh
+    PYTHON=.venv/bin/python bash scripts/build-image.sh
+elif ! { bash scripts/docker-engine.sh && PYTHON=.venv/bin/python bash scripts/build-image.sh; }; then
+    log "no Docker engine or image: Docker tests will skip"
+fi
 
 log "pytest"
 set +e

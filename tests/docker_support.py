@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def docker_client():
 def server_image(docker_client) -> str:
     """The project image, built by scripts/build-image.sh (kept when it is up to date)."""
     result = subprocess.run(["bash", "scripts/build-image.sh"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=1200)
+                            text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
     if result.returncode != 0:
         pytest.fail(f"scripts/build-image.sh failed:\n{result.stderr[-4000:]}", pytrace=False)
     return result.stdout.strip().splitlines()[-1].removeprefix("IMAGE=")
