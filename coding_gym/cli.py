@@ -130,8 +130,7 @@ def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for stream, truncated in (("stdout", result.stdout_truncated),
                               ("stderr", result.stderr_truncated)):
         if truncated:
-            _say(sys.stderr, f"[coding-gym] {stream} was cut at {_DEFAULTS.max_output_bytes} "
-                             "bytes")
+            _say(sys.stderr, f"[coding-gym] {stream} was cut at {args.max_output_bytes} bytes")
     return result.exit_code
 
 
@@ -140,10 +139,15 @@ def _add_limit_arguments(parser: argparse.ArgumentParser, timeout_help: str) -> 
                         help=f"{timeout_help}, in seconds (default: {_DEFAULTS.timeout_s:g})")
     parser.add_argument("--memory-mb", type=_positive_int, default=_DEFAULTS.memory_mb,
                         help=f"memory limit of an interpreter (default: {_DEFAULTS.memory_mb})")
+    parser.add_argument("--max-output-bytes", type=_positive_int,
+                        default=_DEFAULTS.max_output_bytes,
+                        help="stdout and stderr kept per step, each "
+                             f"(default: {_DEFAULTS.max_output_bytes})")
 
 
 def _limits(args: argparse.Namespace) -> Limits:
-    return Limits(timeout_s=args.timeout_s, memory_mb=args.memory_mb)
+    return Limits(timeout_s=args.timeout_s, memory_mb=args.memory_mb,
+                  max_output_bytes=args.max_output_bytes)
 
 
 def _write(stream: TextIO, text: str) -> None:

@@ -194,4 +194,5 @@ class DockerBackend:
 def _server_args(limits: Limits, max_sessions: int) -> tuple[str, ...]:
     """``coding-gym serve`` arguments that give the container's sessions these limits."""
     return ("--max-sessions", str(max_sessions), "--timeout-s", repr(limits.timeout_s),
-            "--memory-mb", str(limits.memory_mb))
+            "--memory-mb", str(limits.memory_mb),
+            "--max-output-bytes", str(limits.max_output_bytes))

@@ -30,7 +30,8 @@ def own_containers(docker_client) -> list:
 
 @pytest.fixture(scope="module")
 def env(server_image):
-    e = gym.make("CodingEnv-v0", backend="docker", image=server_image, timeout_s=5.0)
+    e = gym.make("CodingEnv-v0", backend="docker", image=server_image, timeout_s=3.0,
+                 max_output_bytes=4096)
     yield e
     e.close()
 
@@ -57,6 +58,9 @@ def test_server_in_the_container_applies_the_env_limits(env):
     env.reset()
     obs, _, _, truncated, info = env.step("while True:\n    pass")
     assert info["kill_reason"] == "timeout" and not truncated
+    obs, _, _, _, info = env.step("print('x' * 10_000)")
+    assert info["stdout_truncated"] and obs["stdout"].startswith("x" * 4096)
+    assert env.observation_space.contains(obs)
     obs, *_ = env.step("import os\nprint(os.getuid())")
     assert obs["stdout"] != "0\n", "the server must not run as root in the container"
 
