@@ -16,7 +16,7 @@ import pytest
 from coding_gym.containers import OWNER_PID_LABEL
 
 ROOT = Path(__file__).resolve().parent.parent
-SETUP_HINT = "run scripts/docker-engine.sh && scripts/build-image.sh"
+SETUP_HINT = "scripts/docker-engine.sh && scripts/build-image.sh"
 
 
 def docker_required() -> bool:
@@ -27,7 +27,8 @@ def docker_required() -> bool:
 
 def _unavailable(reason: str) -> None:
     if docker_required():
-        pytest.fail(f"Docker tests are required here but {reason}; {SETUP_HINT}", pytrace=False)
+        pytest.fail(f"Docker tests are required here but {reason}; set it up with: {SETUP_HINT}",
+                    pytrace=False)
     pytest.skip(f"{reason}; to run the Docker tests: {SETUP_HINT}")
 
 
@@ -56,7 +57,7 @@ def server_image(docker_client) -> str:
     result = subprocess.run(["bash", "scripts/build-image.sh"], cwd=ROOT, capture_output=True,
                             text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
     if result.returncode != 0:
-        pytest.fail(f"scripts/build-image.sh failed:\n{result.stderr[-4000:]}", pytrace=False)
+        _unavailable(f"scripts/build-image.sh failed:\n{result.stderr[-4000:]}\n")
     return result.stdout.strip().splitlines()[-1].removeprefix("IMAGE=")
 
 
