@@ -40,7 +40,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN useradd --system --create-home --home-dir /home/coding-gym --uid 10001 --user-group \
+# uid 1000: the uid Hugging Face Spaces runs containers as, so files and HOME line up there.
+RUN useradd --create-home --home-dir /home/coding-gym --uid 1000 --user-group \
         --shell /usr/sbin/nologin coding-gym
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /tmp/dist/ /tmp/dist/
