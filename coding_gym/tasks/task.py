@@ -35,7 +35,14 @@ class CallTest:
 @dataclass(frozen=True)
 class IOTest:
     """Run the whole program with ``stdin`` as standard input; it passes when what it prints
-    equals ``stdout``, ignoring trailing whitespace on each line and trailing blank lines."""
+    equals ``stdout``, ignoring trailing whitespace on each line and trailing blank lines, and
+    it ends without an error (``sys.exit(0)`` is fine).
+
+    The program runs as ``__main__`` in a fresh module for each test and talks through
+    ``sys.stdin`` and ``sys.stdout`` (``input``, ``print``, ``sys.stdin.read``,
+    ``sys.stdout.buffer``); bytes written straight to file descriptors 0 and 1 are not seen.
+    At most 64 KiB of output per test is kept.
+    """
 
     stdin: str
     stdout: str
