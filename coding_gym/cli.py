@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="A Gymnasium environment whose actions are Python programs.",
     )
     parser.add_argument("--version", action="version", version=f"coding-gym {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser(
         "serve", help="serve the environment over HTTP and WebSocket (OpenEnv protocol)",
@@ -108,6 +108,9 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     server = uvicorn.Server(serving.uvicorn_config(app, log_level="info"))
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:
+        # uvicorn has shut down cleanly and re-raised Ctrl-C: exit as shells expect.
+        return 130
     finally:
         sock.close()
     return 0
