@@ -39,6 +39,16 @@ elif ! { bash scripts/docker-engine.sh && PYTHON=.venv/bin/python bash scripts/b
     log "no Docker engine or image: Docker tests will skip"
 fi
 
+# Debian's chromium for the browser tests (Playwright drives it; no browser download).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        log "installing chromium"
+        apt-get update -qq && apt-get install -y -qq chromium
+    else
+        log "no chromium, and not root to install it: browser tests will skip outside CI"
+    fi
+fi
+
 log "pytest"
 set +e
 .venv/bin/python -m pytest "$@"
