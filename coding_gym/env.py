@@ -80,8 +80,12 @@ class CodingEnv(gym.Env[Observation, str]):
 
     It is graded in a fresh sandbox process, never in the episode's interpreter, so nothing
     done to that interpreter (patched builtins, rigged objects, a printed fake summary)
-    reaches the grading, and returned values and output are compared in this process; see
-    :mod:`coding_gym.tasks.grading` for what the sandbox can still influence. The reward is
+    reaches the grading, and returned values and output are compared in this process, with
+    expected values that never enter the sandbox. Assert-based tests (HumanEval, MBPP) must
+    pass or fail inside the sandbox: each result is reported on a line tagged with a random
+    nonce of that grading, so printed imitations and early exits earn nothing, but a program
+    that deliberately inspects the harness while it runs can read the nonce and forge these
+    reports (see :mod:`coding_gym.tasks.grading`). The reward is
     the state of the program after the step, not a difference: a step that changes nothing
     earns the same reward again. A program the env has already graded in full on the same
     task is not run again: its results are remembered (4096 gradings per env). A backend

@@ -21,8 +21,8 @@ What the sandbox can and cannot influence:
 
 from __future__ import annotations
 
+import functools
 import json
-import logging
 import secrets
 import threading
 from collections.abc import Iterable, Sequence
@@ -34,8 +34,6 @@ from typing import Any
 from coding_gym.backends.base import Backend
 from coding_gym.models import ExecResult, Limits
 from coding_gym.tasks.task import AssertTest, CallTest, IOTest, Task, Test
-
-logger = logging.getLogger(__name__)
 
 #: Output one test of a program may print before the rest is dropped (IOTest).
 MAX_TEST_OUTPUT_BYTES = 64 * 1024
@@ -178,14 +176,9 @@ def grade_many(jobs: Iterable[tuple[Task, str]], *, workers: int = 2,
             grader.close()
 
 
-_HARNESS: list[str] = []
-
-
+@functools.cache
 def _harness_source() -> str:
-    if not _HARNESS:
-        files = resources.files("coding_gym.tasks")
-        _HARNESS.append(files.joinpath("harness.py").read_text(encoding="utf-8"))
-    return _HARNESS[0]
+    return resources.files("coding_gym.tasks").joinpath("harness.py").read_text(encoding="utf-8")
 
 
 def _wire_test(index: int, test: Test) -> dict[str, Any]:
