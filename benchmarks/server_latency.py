@@ -1,0 +1,203 @@
+"""Latency and throughput of the server beside the LocalBackend it wraps, in one run.
+
+- ``LocalBackend.run("print(1)")`` in this process: the floor;
+- the same step through ``RemoteBackend`` (``/ws``), through an HTTP session
+  (``POST /step`` with ``X-Session-Id``), and stateless ``POST /step`` (OpenEnv's HTTP
+  semantics: a fresh interpreter per request, so it pays a worker start every time);
+- aggregate steps/s with 1, 8, 32 and 64 WebSocket sessions stepping at once.
+
+The server runs as ``coding-gym serve`` in a child process on loopback, so that client and
+server do not share a GIL. Targets (ratios within one run): WS p50 at most 3x the
+LocalBackend p50; 64 sessions without a single error.
+
+    python benchmarks/server_latency.py [--steps 500] [--seconds 3]
+
+Prints a table and writes benchmarks/results/server_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from websockets.asyncio.client import connect
+
+from coding_gym.backends.local import LocalBackend
+from coding_gym.backends.remote import RemoteBackend
+
+CODE = "print(1)"
+RESULTS = Path(__file__).parent / "results"
+CONCURRENCY = (1, 8, 32, 64)
+WARM_UP = 50
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "p50_us": ordered[len(ordered) // 2] * 1e6,
+        "p95_us": ordered[int(len(ordered) * 0.95)] * 1e6,
+        "mean_us": statistics.fmean(ordered) * 1e6,
+        "n": len(ordered),
+    }
+
+
+def _timed(step: Callable[[], object], steps: int, warm_up: int = WARM_UP) -> list[float]:
+    for _ in range(warm_up):
+        step()
+    samples = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+@contextmanager
+def serving(max_sessions: int) -> Iterator[str]:
+    """``coding-gym serve`` on a free loopback port; yields its URL."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "coding_gym.cli", "serve", "--port", "0",
+         "--max-sessions", str(max_sessions)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if " on http://" not in line:
+            raise RuntimeError(f"the server did not start: {line!r}")
+        yield line.split(" on ", 1)[1].strip()
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def local_backend(steps: int) -> list[float]:
+    with LocalBackend() as backend:
+        backend.reset()
+        return _timed(lambda: backend.run(CODE), steps)
+
+
+def websocket_steps(url: str, steps: int) -> list[float]:
+    with RemoteBackend(base_url=url) as backend:
+        backend.reset()
+        return _timed(lambda: backend.run(CODE), steps)
+
+
+def http_session_steps(url: str, steps: int) -> list[float]:
+    with httpx.Client(base_url=url) as http:
+        session_id = http.post("/sessions").json()["session_id"]
+        headers = {"X-Session-Id": session_id}
+        body = {"action": {"code": CODE}}
+        samples = _timed(lambda: http.post("/step", json=body, headers=headers).json(), steps)
+        http.delete(f"/sessions/{session_id}")
+    return samples
+
+
+def http_stateless_steps(url: str, steps: int) -> list[float]:
+    with httpx.Client(base_url=url) as http:
+        body = {"action": {"code": CODE}}
+        return _timed(lambda: http.post("/step", json=body).json(), steps, warm_up=3)
+
+
+async def _throughput(url: str, sessions: int, seconds: float) -> dict[str, float]:
+    ws_url = url.replace("http://", "ws://") + "/ws"
+    step = json.dumps({"type": "step", "data": {"code": CODE}})
+    counts = [0] * sessions
+    errors: list[str] = []
+    start = asyncio.Event()
+
+    async def session(index: int) -> None:
+        try:
+            async with connect(ws_url, max_size=None) as ws:
+                await ws.send(json.dumps({"type": "reset"}))
+                await ws.recv()
+                await start.wait()
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    await ws.send(step)
+                    reply = json.loads(await ws.recv())
+                    if reply["type"] != "observation" or \
+                            reply["data"]["observation"]["stdout"] != "1\n":
+                        errors.append(str(reply)[:200])
+                    counts[index] += 1
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+
+    tasks = [asyncio.create_task(session(i)) for i in range(sessions)]
+    await asyncio.sleep(0.5)  # let every session connect and start its interpreter
+    began = time.perf_counter()
+    start.set()
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - began
+    return {"sessions": sessions, "steps": sum(counts), "steps_per_s": sum(counts) / elapsed,
+            "errors": len(errors), "first_error": errors[0] if errors else None}
+
+
+def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0) -> dict[str, object]:
+    latency = {"local_backend": _percentiles(local_backend(steps))}
+    throughput = []
+    with serving(max(CONCURRENCY)) as url:
+        latency["websocket"] = _percentiles(websocket_steps(url, steps))
+        latency["http_session"] = _percentiles(http_session_steps(url, steps))
+        latency["http_stateless"] = _percentiles(http_stateless_steps(url, stateless_steps))
+        for sessions in CONCURRENCY:
+            throughput.append(asyncio.run(_throughput(url, sessions, seconds)))
+    floor = latency["local_backend"]["p50_us"]
+    for row in latency.values():
+        row["p50_vs_local"] = row["p50_us"] / floor
+    return {
+        "benchmark": "server_latency",
+        "code": CODE,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "latency": latency,
+        "throughput": throughput,
+        "targets": {
+            "websocket_p50_at_most_3x_local": latency["websocket"]["p50_vs_local"] <= 3.0,
+            "64_sessions_without_errors": throughput[-1]["errors"] == 0,
+        },
+    }
+
+
+def print_table(report: dict[str, object]) -> None:
+    latency: dict[str, dict[str, float]] = report["latency"]  # type: ignore[assignment]
+    print(f"{'step':<18}{'p50 µs':>10}{'p95 µs':>10}{'n':>6}{'p50 / local':>14}")
+    for name, row in latency.items():
+        print(f"{name:<18}{row['p50_us']:>10.1f}{row['p95_us']:>10.1f}{row['n']:>6.0f}"
+              f"{row['p50_vs_local']:>13.2f}x")
+    print(f"\n{'ws sessions':<18}{'steps/s':>10}{'steps':>8}{'errors':>8}")
+    for row in report["throughput"]:  # type: ignore[attr-defined]
+        print(f"{row['sessions']:<18}{row['steps_per_s']:>10.0f}{row['steps']:>8}"
+              f"{row['errors']:>8}")
+    print("\ntargets:", ", ".join(f"{k}: {'met' if v else 'MISSED'}"
+                                  for k, v in report["targets"].items()))  # type: ignore[attr-defined]
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description="server step latency and throughput")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--stateless-steps", type=int, default=30)
+    parser.add_argument("--seconds", type=float, default=3.0,
+                        help="duration of each throughput level")
+    args = parser.parse_args(argv)
+    report = run(args.steps, args.stateless_steps, args.seconds)
+    print_table(report)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / "server_latency.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
