@@ -74,10 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from coding_gym.backends.remote import TOKEN_ENV
     from coding_gym.server import serving
+    from coding_gym.server.security import is_loopback
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     token = token or None
-    if not serving.is_loopback(args.host) and token is None and not args.insecure:
+    if not is_loopback(args.host) and token is None and not args.insecure:
         parser.error(
             f"refusing to listen on {args.host} without a token: anyone who can reach it could "
             f"run code on this machine. Pass --token T (or set {TOKEN_ENV}); clients then send "
@@ -88,7 +89,8 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from coding_gym.server import create_app
 
     app = create_app(limits=_limits(args), max_sessions=args.max_sessions,
-                     idle_timeout_s=args.idle_timeout_s, token=token)
+                     idle_timeout_s=args.idle_timeout_s, token=token,
+                     any_host=args.insecure)
     try:
         sock = serving.bind(args.host, args.port)
     except OSError as e:
@@ -97,7 +99,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     url = serving.base_url(sock)
     _say(sys.stdout, f"coding-gym {__version__}: serving CodingEnv-v0 on {url}")
     _say(sys.stdout, f"web UI: {url}/web/" + ("  (it asks for the token)" if token else ""))
-    if args.insecure and not serving.is_loopback(args.host) and token is None:
+    if args.insecure and not is_loopback(args.host) and token is None:
         _say(sys.stderr, f"coding-gym: WARNING: no token; anyone who can reach {args.host} "
                          "can run code on this machine")
     if args.open:

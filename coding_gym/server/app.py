@@ -26,9 +26,11 @@ from coding_gym.server import protocol
 from coding_gym.server.connection import Connection
 from coding_gym.server.protocol import ResetRequest, StepRequest
 from coding_gym.server.security import (
+    CLOSE_FORBIDDEN,
     UNAUTHORIZED_DETAIL,
     BodySizeLimit,
     BrowserHeaders,
+    browser_refusal,
     token_matches,
 )
 from coding_gym.server.sessions import (
@@ -56,7 +58,7 @@ class _ClientGone(Exception):
 
 def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
                idle_timeout_s: float = 600.0, token: str | None = None,
-               max_message_bytes: int = 1 << 20) -> FastAPI:
+               any_host: bool = False, max_message_bytes: int = 1 << 20) -> FastAPI:
     """The coding_gym server as an ASGI application.
 
     Args:
@@ -66,7 +68,11 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
             connections, HTTP sessions and stateless HTTP steps all count.
         idle_timeout_s: Sessions without a request for this long are closed.
         token: When set, every route that runs code or touches a session needs
-            ``Authorization: Bearer <token>`` (WebSockets may pass ``?token=``).
+            ``Authorization: Bearer <token>`` (WebSockets may pass ``?token=``). Without
+            one, those routes answer only requests addressed to a loopback name
+            (``Host``), and browsers only from the server's own page (``Origin``).
+        any_host: Without a token, answer requests whatever their ``Host``: for a server
+            bound beyond loopback on purpose (``coding-gym serve --insecure``).
         max_message_bytes: Largest HTTP request body and WebSocket message accepted.
 
     Serve it with uvicorn (``coding-gym serve`` does), with ``ws_max_size`` above
@@ -89,12 +95,17 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
     app.add_middleware(BodySizeLimit, max_bytes=max_message_bytes)
     app.add_middleware(BrowserHeaders, prefix="/web")
 
-    def require_token(request: Request) -> None:
-        if not token_matches(token, request.headers):
-            raise HTTPException(401, UNAUTHORIZED_DETAIL,
-                                headers={"WWW-Authenticate": "Bearer"})
+    def admit(request: Request) -> None:
+        if token is not None:
+            if not token_matches(token, request.headers):
+                raise HTTPException(401, UNAUTHORIZED_DETAIL,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            return
+        refusal = browser_refusal(request.headers, any_host=any_host)
+        if refusal is not None:
+            raise HTTPException(403, refusal)
 
-    guarded = [Depends(require_token)]
+    guarded = [Depends(admit)]
 
     def open_session() -> Session:
         try:
@@ -226,8 +237,14 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
     @app.websocket("/ws")
     async def websocket(ws: WebSocket) -> None:
         await ws.accept()
-        if not token_matches(token, ws.headers, ws.query_params):
+        if token is not None and not token_matches(token, ws.headers, ws.query_params):
             await ws.close(code=CLOSE_UNAUTHORIZED, reason="missing or wrong token")
+            return
+        refusal = None if token is not None else browser_refusal(ws.headers,
+                                                                 any_host=any_host)
+        if refusal is not None:
+            await ws.send_text(json.dumps(protocol.error_reply(refusal, protocol.FORBIDDEN)))
+            await ws.close(code=CLOSE_FORBIDDEN, reason="forbidden origin or host")
             return
         try:
             session = manager.open()

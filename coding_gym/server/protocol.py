@@ -20,6 +20,8 @@ UNKNOWN_TYPE = "UNKNOWN_TYPE"
 VALIDATION_ERROR = "VALIDATION_ERROR"
 EXECUTION_ERROR = "EXECUTION_ERROR"
 CAPACITY_REACHED = "CAPACITY_REACHED"
+#: Sent before closing a WebSocket opened by another site's page or for a foreign host.
+FORBIDDEN = "FORBIDDEN"
 
 MESSAGE_TYPES = ("reset", "step", "state", "close")
 

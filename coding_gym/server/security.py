@@ -1,13 +1,24 @@
-"""Protections of the service: the bearer token, request size limits, browser headers."""
+"""Protections of the service: the bearer token, request size limits, browser headers.
+
+Without a token, a server on loopback still refuses two browser attacks: a page of another
+site opening a WebSocket to it (browsers let any page do that; the ``Origin`` header tells),
+and DNS rebinding, where another site's name resolves to 127.0.0.1 (the ``Host`` header
+tells).
+"""
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+#: Close code of a WebSocket refused for its Origin or Host (HTTP 403's twin).
+CLOSE_FORBIDDEN = 4403
 
 UNAUTHORIZED_DETAIL = ("missing or wrong token: send the header 'Authorization: Bearer "
                        "<token>' (WebSocket clients may use the query parameter ?token=<token>)")
@@ -27,6 +38,39 @@ def token_matches(expected: str | None, headers: Mapping[str, str],
         given = (query or {}).get("token", "")
     # Constant time: the comparison must not reveal how much of a guess was right.
     return hmac.compare_digest(given.strip().encode(), expected.encode())
+
+
+def is_loopback(host: str) -> bool:
+    """True for names of this machine only: localhost, 127.0.0.0/8, ::1."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _hostname(host_header: str) -> str:
+    return urlsplit(f"//{host_header}").hostname or ""
+
+
+def browser_refusal(headers: Mapping[str, str], *, any_host: bool) -> str | None:
+    """Why a request to a server without a token is refused, or None to let it through.
+
+    ``any_host`` lifts the loopback ``Host`` rule, for a server bound beyond loopback on
+    purpose; a WebSocket opened by another site's page is refused either way.
+    """
+    host = headers.get("host", "")
+    if not any_host and not is_loopback(_hostname(host)):
+        return (f"this server has no token, so it only answers requests addressed to "
+                f"localhost or a loopback address, not {host!r}; start it with a token to "
+                "serve other names")
+    origin = headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+        return (f"a page from {origin} may not use this server: it has no token, so only "
+                "its own web UI may connect from a browser")
+    return None
 
 
 class _TooLarge(HTTPException):

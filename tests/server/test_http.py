@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 
 import httpx
 import pytest
@@ -263,7 +264,7 @@ def test_client_disconnecting_mid_step_kills_the_worker_and_frees_the_slot(serve
     host, port = server.url.removeprefix("http://").split(":")
     body = b'{"action": {"code": "import time\\ntime.sleep(60)"}, "timeout_s": 5}'
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /step HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /step HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         session = wait_for(lambda: next((s for s in manager.sessions()
                                          if s.busy and s.backend.worker_pid), None))
@@ -299,3 +300,51 @@ def test_descriptive_routes_and_the_page_need_no_token(token_http):
     for path in ("/health", "/metadata", "/schema", "/openapi.json", "/web/"):
         assert token_http.get(path).status_code == 200
     assert token_http.get("/metadata").json()["token_required"] is True
+
+
+@pytest.mark.parametrize("headers", [
+    {"Host": "attacker.example"},  # DNS rebinding: another name resolving to 127.0.0.1
+    {"Origin": "http://attacker.example"},  # another site's page
+])
+def test_without_a_token_only_loopback_hosts_and_own_pages_are_answered(http, headers):
+    refused = http.post("/step", json={"action": {"code": "print(1)"}}, headers=headers)
+    assert refused.status_code == 403
+    assert "no token" in refused.json()["detail"]
+
+
+def test_own_origin_and_localhost_are_answered(http, server):
+    port = server.url.rsplit(":", 1)[1]
+    headers = {"Host": f"localhost:{port}", "Origin": f"http://localhost:{port}"}
+    response = http.post("/step", json={"action": {"code": "print(1)"}}, headers=headers)
+    assert response.status_code == 200
+
+
+def test_any_host_lifts_the_host_rule_but_not_the_origin_rule():
+    with running_server(any_host=True) as server, httpx.Client(base_url=server.url) as http:
+        body = {"action": {"code": "print(1)"}}
+        assert http.post("/step", json=body, headers={"Host": "box.lan:1"}).status_code == 200
+        cross = http.post("/step", json=body, headers={"Origin": "http://attacker.example"})
+        assert cross.status_code == 403
+
+
+def test_token_server_answers_any_host(token_http):
+    response = token_http.get("/state", headers={"Host": "box.lan",
+                                                  "Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+
+
+def test_deleting_a_session_mid_step_kills_its_interpreter(http, server):
+    sid = http.post("/sessions").json()["session_id"]
+    session = sessions_of(server).get(sid)
+    pid = session.backend.worker_pid
+    results = []
+    stepper = threading.Thread(target=lambda: results.append(http.post(
+        "/step", json={"action": {"code": "import time\ntime.sleep(60)"}},
+        headers={"X-Session-Id": sid}).json()))
+    stepper.start()
+    wait_for(lambda: session.busy)
+    assert http.delete(f"/sessions/{sid}").status_code == 204
+    stepper.join(30)
+    assert not pid_alive(pid)
+    assert results[0]["info"]["state_lost"] is True
+    assert results[0]["info"]["kill_reason"] == "signal"

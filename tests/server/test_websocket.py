@@ -294,3 +294,18 @@ def test_missing_or_wrong_token_is_closed_with_4401(token_server, headers, query
 def test_token_in_header_or_query_is_accepted(token_server, headers, query):
     with connect(ws_url(token_server, query), additional_headers=headers) as socket:
         assert step(socket, "print('in')")["data"]["observation"]["stdout"] == "in\n"
+
+
+def test_page_of_another_site_is_refused(server):
+    with connect(ws_url(server), origin="http://attacker.example") as socket:
+        reply = json.loads(socket.recv(timeout=10))
+        assert reply["data"]["code"] == "FORBIDDEN"
+        with pytest.raises(ConnectionClosed) as closed:
+            socket.recv(timeout=10)
+    assert closed.value.rcvd.code == 4403
+
+
+def test_own_page_may_connect(server):
+    with connect(ws_url(server), origin=server.url) as socket:
+        assert step(socket, "print('same origin')")["data"]["observation"]["stdout"] == \
+            "same origin\n"
