@@ -45,5 +45,10 @@ class ContainerStartError(BackendError):
     its last log lines."""
 
 
+class SnapshotError(BackendError):
+    """An interpreter could not be snapshotted, restored or forked (for example when its
+    process limit leaves no room for the copy), or the backend has no snapshots."""
+
+
 class SharedMemoryUnsupported(CodingGymError, ValueError):
     """A text space was asked to live in shared memory, which cannot hold variable-length text."""

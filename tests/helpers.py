@@ -6,7 +6,21 @@ import os
 
 
 def descendant_pids(root: int | None = None) -> set[int]:
-    """Pids below ``root`` (default: this process) in the process tree."""
-    from coding_gym.sandbox.processes import descendants
+    """Pids below ``root`` (default: this process) in the process tree.
 
-    return set(descendants(os.getpid() if root is None else root))
+    The zygote and its spare child are left out: they live as long as the test process, and
+    the spare is replaced each time it becomes a worker.
+    """
+    from coding_gym.sandbox.processes import descendants
+    from coding_gym.sandbox.zygote import SPARE_NAME, ZYGOTE_NAME
+
+    return {pid for pid in descendants(os.getpid() if root is None else root)
+            if _process_name(pid) not in (ZYGOTE_NAME, SPARE_NAME)}
+
+
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""

@@ -23,8 +23,43 @@ def _parent_pids() -> dict[int, int]:
     return parents
 
 
+def _children(pid: int) -> list[int] | None:
+    """Children of ``pid`` from /proc/PID/task/*/children; None where the kernel lacks them."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    except OSError:
+        return None
+    found: list[int] = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                found.extend(int(child) for child in f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{task}"):
+                continue  # the thread just ended
+            return None  # CONFIG_PROC_CHILDREN is off
+        except OSError:
+            continue
+    return found
+
+
 def descendants(root: int) -> list[int]:
     """Pids below ``root`` in the process tree (not ``root`` itself), parents first."""
+    # Walking down from the root costs O(its subtree); scanning /proc costs O(every process).
+    found: list[int] = []
+    frontier = [root]
+    while frontier:
+        children_of = _children(frontier.pop())
+        if children_of is None:
+            return _descendants_by_scan(root)
+        found.extend(children_of)
+        frontier.extend(children_of)
+    return found
+
+
+def _descendants_by_scan(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for pid, ppid in _parent_pids().items():
         children.setdefault(ppid, []).append(pid)

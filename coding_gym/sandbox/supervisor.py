@@ -1,302 +1,485 @@
-"""The parent's side of one worker: spawn it, send code, drain its output, enforce the deadline.
+"""The parent's side of one worker: start it, talk to it, kill it with everything it started.
 
-Output arrives on two pipes that this side drains while the step runs, so a program printing
-forever never blocks or fills memory: bytes past ``max_output_bytes`` are counted and dropped.
-The reply arrives on a socket after the worker has flushed, so when it comes, the step's output
-is already in the pipes.
+A worker starts in one of three ways, all ending in the same "ready" message on its control
+socket: forked by the zygote (:mod:`coding_gym.sandbox.zygote`, the fast path), spawned as a
+fresh ``sys.executable`` (the fallback), or woken from a frozen copy of another worker
+(:mod:`coding_gym.sandbox.frozen`). Its pid is the one the kernel attaches to that message
+(``SCM_CREDENTIALS``), never one the worker claims. Steps are driven by
+:mod:`coding_gym.sandbox.steps`.
 """
 
 from __future__ import annotations
 
-import errno
+import array
+import fcntl
 import json
 import logging
 import os
 import select
 import signal
 import socket
+import struct
 import subprocess
-import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
-from coding_gym.errors import WorkerStartError
-from coding_gym.models import ExecResult, KillReason, Limits
-from coding_gym.sandbox import isolation, processes, protocol
+from coding_gym.errors import SnapshotError, WorkerStartError
+from coding_gym.models import ExecResult, Limits
+from coding_gym.sandbox import bootstrap, processes, protocol
 from coding_gym.sandbox.cgroups import Cgroup
+from coding_gym.sandbox.frozen import FrozenCopy, open_pidfd
+from coding_gym.sandbox.steps import Capture, StepRun, drain, run_many
+from coding_gym.sandbox.zygote import Zygote, ZygoteError
 
 logger = logging.getLogger(__name__)
 
-#: How long after ``timeout_s`` the parent waits for the in-worker timer before it kills the
-#: worker. Together with the kill and reap it keeps every step within timeout + 1 s.
-HARD_KILL_GRACE_S = 0.5
 START_TIMEOUT_S = 30.0
 _CHUNK = 1 << 16
 _PIPE_BYTES = 1 << 20
 _F_SETPIPE_SZ = 1031
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Loads the sandbox modules without running coding_gym/__init__.py (which imports Gymnasium):
-# a stand-in package points at the real directory, then leaves sys.modules so agent code
-# cannot import coding_gym.
-_BOOTSTRAP = """\
-import sys, types
-def _boot():
-    package = types.ModuleType("coding_gym")
-    package.__path__ = [sys.argv[1]]
-    sys.modules["coding_gym"] = package
-    from coding_gym.sandbox import worker
-    for name in [n for n in sys.modules if n.split(".")[0] == "coding_gym"]:
-        del sys.modules[name]
-    return worker.main
-main = _boot()
-del _boot, types
-main(sys.argv[2:])
-"""
-
-_STDERR_NOTES = {
-    "timeout": "[coding_gym] the step ran past its {timeout:g} s time limit and ignored the "
-               "interrupt, so the interpreter was killed; variables from earlier steps are gone.\n",
-    "memory": "[coding_gym] the interpreter ran out of memory and was killed; variables from "
-              "earlier steps are gone.\n",
-    "signal": "[coding_gym] the interpreter was killed by signal {signal}; variables from "
-              "earlier steps are gone.\n",
-    "crash": "[coding_gym] the interpreter exited with status {status}; variables from "
-             "earlier steps are gone.\n",
-}
+_UCRED = struct.Struct("3i")
+_ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
-class _Capture:
-    """Bytes of one output stream for one step, kept up to a cap."""
+class _Channels:
+    """The fds of a worker to be: control socket pair, stdout and stderr pipes."""
 
-    __slots__ = ("data", "cap", "truncated")
+    def __init__(self) -> None:
+        self.parent, self.child = socket.socketpair()
+        # The kernel attaches the sender's pid to what arrives while this is on: that is how
+        # the parent learns which process the worker is, whoever started it.
+        self.parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.parent.setblocking(False)
+        self.out_r, self.out_w = os.pipe()
+        self.err_r, self.err_w = os.pipe()
+        os.set_blocking(self.out_r, False)
+        os.set_blocking(self.err_r, False)
+        for fd in (self.out_w, self.err_w):
+            try:
+                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+            except OSError:
+                pass  # bigger pipes only save wake-ups
 
-    def __init__(self, cap: int) -> None:
-        self.data = bytearray()
-        self.cap = cap
-        self.truncated = False
+    def child_fds(self) -> list[int]:
+        return [self.child.fileno(), self.out_w, self.err_w]
 
-    def note(self, text: str) -> None:
-        """Append a message of our own on a line of its own, past the cap if need be."""
-        if self.data and not self.data.endswith(b"\n"):
-            self.data += b"\n"
-        self.data += text.encode()
+    def close_child_ends(self) -> None:
+        self.child.close()
+        for fd in (self.out_w, self.err_w):
+            os.close(fd)
 
-    def add(self, chunk: bytes) -> None:
-        room = self.cap - len(self.data)
-        if len(chunk) > room:
-            self.truncated = True
-            chunk = chunk[:max(room, 0)]
-        self.data += chunk
+    def close_parent_ends(self) -> None:
+        self.parent.close()
+        for fd in (self.out_r, self.err_r):
+            os.close(fd)
 
-    def text(self) -> str:
-        return self.data.decode("utf-8", errors="replace")
+
+class _ExitWatch:
+    """How the parent learns that a worker ended and how: ``fd`` turns readable when it has."""
+
+    fd = -1
+
+    def returncode(self, timeout_s: float) -> int | None:
+        """``Popen.returncode`` style (negative: killed by that signal); None if unknown."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class _SpawnedExit(_ExitWatch):
+    """A spawned worker is our child: wait for it like any child."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], pidfd: int | None) -> None:
+        self.proc = proc
+        self.fd = -1 if pidfd is None else pidfd
+
+    def returncode(self, timeout_s: float) -> int | None:
+        try:
+            return self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return None
+
+
+class _ReportedExit(_ExitWatch):
+    """The zygote reaps the worker and writes its exit status to a socket of ours."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.error = ""
+        self._known = False
+        self._returncode: int | None = None
+
+    def returncode(self, timeout_s: float) -> int | None:
+        if not self._known and select.select([self.sock], [], [], timeout_s)[0]:
+            self._known = True
+            try:
+                message = json.loads(self.sock.recv(4096) or b"{}")
+            except (OSError, ValueError):
+                message = {}
+            if message.get("type") == "exit" and isinstance(message.get("returncode"), int):
+                self._returncode = message["returncode"]
+            self.error = str(message.get("message", ""))
+        return self._returncode
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class _OrphanExit(_ExitWatch):
+    """A copy adopted by init (no zygote): its pidfd says that it ended, not how."""
+
+    def __init__(self, pidfd: int | None) -> None:
+        self.fd = -1 if pidfd is None else pidfd
+
+    def returncode(self, timeout_s: float) -> int | None:
+        if self.fd >= 0:
+            select.select([self.fd], [], [], timeout_s)
+        return None
 
 
 class WorkerProcess:
-    """One live worker. Create it with :meth:`spawn`; it is gone after :meth:`kill`."""
+    """One live worker. Create it with :meth:`start`; it is gone after :meth:`kill`."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, out_fd: int,
-                 err_fd: int, cgroup: Cgroup | None) -> None:
-        self.proc = proc
-        self.pid = proc.pid
-        self.sock = sock
-        self.out_fd = out_fd
-        self.err_fd = err_fd
+    def __init__(self, channels: _Channels, exit_watch: _ExitWatch, cgroup: Cgroup | None,
+                 zygote: Zygote | None) -> None:
+        self.sock = channels.parent
+        self.out_fd = channels.out_r
+        self.err_fd = channels.err_r
         self.cgroup = cgroup
+        self.zygote = zygote
+        self.pid = 0
+        self.pidfd: int | None = None
+        self._exit = exit_watch
         self._frames = protocol.FrameReader()
-        self._poller = select.poll()
-        for fd in (sock.fileno(), out_fd, err_fd):
-            self._poller.register(fd, select.POLLIN)
+        self._fds: list[int] = []
+        self._sender_pid: int | None = None
+        self._oom_base = 0
+        self._unparked: list[tuple[FrozenCopy, Cgroup | None]] = []
         self.alive = True
+        self.connected = True
+        #: Isolation layer -> {"active", "detail"}, as the worker reported it when ready.
+        self.isolation: dict[str, Any] = {}
         # Guards ``alive`` against interrupt() from another thread while kill() reaps: a reaped
         # pid may be reused, so it must never be signalled after the reap.
         self._kill_lock = threading.Lock()
 
-    @classmethod
-    def spawn(cls, limits: Limits, workdir: str) -> WorkerProcess:
-        """Start a worker with ``sys.executable`` in ``workdir`` and wait until it is ready."""
-        parent_sock, child_sock = socket.socketpair()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        for fd in (out_w, err_w):
-            try:
-                import fcntl
+    # -- Starting ------------------------------------------------------------------------------
 
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
-            except OSError:
-                pass  # bigger pipes only save wake-ups
-        cgroup = Cgroup.create(limits.memory_mb * 1024 * 1024, limits.max_processes)
-        limits_json = json.dumps({
-            "memory_mb": limits.memory_mb,
-            "max_file_mb": limits.max_file_mb,
-            "max_open_files": limits.max_open_files,
-            "max_processes": limits.max_processes,
-        })
+    @classmethod
+    def start(cls, config: dict[str, Any], environment: dict[str, str], *,
+              cgroup: Cgroup | None, zygote: Zygote | None) -> WorkerProcess:
+        """A ready worker for ``config`` (:func:`coding_gym.sandbox.isolation.worker_config`):
+        forked by ``zygote`` when given (spawned if that fails), else spawned.
+
+        ``environment`` is its whole environment; its directory is ``config["workdir"]``.
+        """
+        if zygote is not None:
+            try:
+                return cls._fork_from(zygote, config, environment, cgroup)
+            except ZygoteError as e:
+                logger.warning("the zygote failed, spawning the worker instead: %s", e)
+        return cls._spawn(config, environment, cgroup)
+
+    @classmethod
+    def _spawn(cls, config: dict[str, Any], environment: dict[str, str],
+               cgroup: Cgroup | None) -> WorkerProcess:
+        channels = _Channels()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOTSTRAP, _PACKAGE_DIR,
-                 str(child_sock.fileno()), limits_json],
-                stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                pass_fds=(child_sock.fileno(),), cwd=workdir,
-                env=isolation.worker_environment(workdir), start_new_session=True,
+                bootstrap.python_command("worker", str(channels.child.fileno()),
+                                         json.dumps(config)),
+                stdin=subprocess.DEVNULL, stdout=channels.out_w, stderr=channels.err_w,
+                pass_fds=(channels.child.fileno(),), cwd=config["workdir"], env=environment,
+                start_new_session=True,
             )
         except OSError as e:
-            for fd in (out_r, err_r):
-                os.close(fd)
-            if cgroup is not None:
-                cgroup.remove()
-            raise WorkerStartError(
-                f"could not start the sandbox worker {sys.executable}: {e}"
-            ) from e
+            channels.close_child_ends()
+            channels.close_parent_ends()
+            raise WorkerStartError(f"could not start the sandbox worker: {e}") from e
+        channels.close_child_ends()
+        pidfd = open_pidfd(proc.pid)
+        worker = cls(channels, _SpawnedExit(proc, pidfd), cgroup, None)
+        worker.pidfd = pidfd
+        worker._became(proc.pid)
+        worker._await_ready(expected_pid=proc.pid)
+        return worker
+
+    @classmethod
+    def _fork_from(cls, zygote: Zygote, config: dict[str, Any], environment: dict[str, str],
+                   cgroup: Cgroup | None) -> WorkerProcess:
+        channels = _Channels()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            zygote.fork_worker(
+                {"config": config, "workdir": config["workdir"], "environment": environment},
+                [*channels.child_fds(), theirs.fileno()],
+            )
+        except ZygoteError:
+            ours.close()
+            channels.close_parent_ends()
+            raise
         finally:
-            child_sock.close()
-            os.close(out_w)
-            os.close(err_w)
-        if cgroup is not None:
-            try:
-                cgroup.add(proc.pid)
-            except OSError as e:
-                logger.warning("could not move the worker into its cgroup: %s", e)
-        for fd in (out_r, err_r):
-            os.set_blocking(fd, False)
-        parent_sock.setblocking(False)
-        worker = cls(proc, parent_sock, out_r, err_r, cgroup)
+            theirs.close()
+            channels.close_child_ends()
+        worker = cls(channels, _ReportedExit(ours), cgroup, zygote)
         worker._await_ready()
         return worker
 
-    def _await_ready(self) -> None:
+    @classmethod
+    def wake(cls, copy: FrozenCopy, *, cgroup: Cgroup | None,
+             zygote: Zygote | None) -> WorkerProcess:
+        """A new worker forked from a (parked) frozen copy, in ``cgroup``."""
+        channels = _Channels()
+        try:
+            copy.wake(channels.child_fds())
+        except WorkerStartError:
+            channels.close_parent_ends()
+            raise
+        finally:
+            channels.close_child_ends()
+        return cls._adopt(channels, cgroup, zygote, "the frozen copy")
+
+    def fork(self, *, cgroup: Cgroup | None) -> WorkerProcess:
+        """A new worker forked from this one: same variables, its own pipes and cgroup."""
+        channels = _Channels()
+        try:
+            if not self.send({"cmd": "fork"}, START_TIMEOUT_S, channels.child_fds()):
+                raise WorkerStartError("the worker died before it could be forked")
+            reply, fds = self._await_reply(START_TIMEOUT_S)
+            _close(fds)
+            if reply.get("type") != "forked":
+                raise WorkerStartError(f"the worker could not fork: {reply.get('message')}")
+        except WorkerStartError:
+            channels.close_child_ends()
+            channels.close_parent_ends()
+            raise
+        channels.close_child_ends()
+        return self._adopt(channels, cgroup, self.zygote, "the worker")
+
+    @classmethod
+    def _adopt(cls, channels: _Channels, cgroup: Cgroup | None, zygote: Zygote | None,
+               origin: str) -> WorkerProcess:
+        """Finish the start of a copy: learn its pid, then have its exit reported."""
+        worker = cls(channels, _ExitWatch(), cgroup, zygote)
+        worker._await_ready(origin=origin)
+        exit_watch: _ExitWatch = _OrphanExit(worker.pidfd)
+        if zygote is not None and zygote.alive:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                zygote.watch(worker.pid, theirs.fileno())
+                exit_watch = _ReportedExit(ours)
+            except ZygoteError:
+                ours.close()
+            finally:
+                theirs.close()
+        worker._exit = exit_watch
+        return worker
+
+    def _became(self, pid: int) -> None:
+        """The worker is process ``pid``: put it in its cgroup before it runs any code."""
+        self.pid = pid
+        if self.pidfd is None:
+            self.pidfd = open_pidfd(pid)
+        if self.cgroup is not None:
+            self._oom_base = self.cgroup.oom_kills()
+            try:
+                self.cgroup.add(pid)
+            except OSError as e:
+                logger.warning("could not move the worker into its cgroup: %s", e)
+
+    def _await_ready(self, expected_pid: int | None = None,
+                     origin: str = "the sandbox worker") -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
-        err = _Capture(1 << 16)
+        err = Capture(1 << 16)
+        poller = select.poll()
+        for fd in (self.sock.fileno(), self.out_fd, self.err_fd, self._exit.fd):
+            if fd >= 0:
+                poller.register(fd, select.POLLIN)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.kill()
-                raise WorkerStartError(
-                    f"the sandbox worker did not start within {START_TIMEOUT_S:g} s"
-                )
-            for fd, _ in self._poller.poll(remaining * 1000):
+                self.close()
+                raise WorkerStartError(f"{origin} did not start within {START_TIMEOUT_S:g} s")
+            for fd, _ in poller.poll(remaining * 1000):
                 if fd == self.err_fd:
-                    _drain(fd, err)
+                    drain(fd, err)
                 elif fd == self.out_fd:
-                    _drain(fd, _Capture(0))
+                    drain(fd, Capture(0))
+                elif fd == self.sock.fileno():
+                    for message, fds in self.receive():
+                        for extra in fds:
+                            os.close(extra)
+                        if message.get("type") == "ready" and self._sender_pid is not None \
+                                and expected_pid in (None, self._sender_pid):
+                            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
+                            if self.pid != self._sender_pid:
+                                self._became(self._sender_pid)
+                            report = message.get("isolation")
+                            self.isolation = report if isinstance(report, dict) else {}
+                            return
+                        self._start_failed(origin, err, message.get("message"))
+                    if not self.connected:
+                        self._start_failed(origin, err, None)
                 else:
-                    message = self._read_reply()
-                    if message is not None and message.get("type") == "ready":
-                        return
-                    self.kill()
-                    _drain(self.err_fd, err)
-                    raise WorkerStartError(
-                        "the sandbox worker exited during start-up "
-                        f"(status {self.proc.returncode}): {err.text().strip()[-2000:]}"
-                    )
+                    self._start_failed(origin, err, None)
 
-    def _read_reply(self) -> dict[str, Any] | None:
-        """The next whole message, or None when the worker is gone or spoke garbage."""
-        while True:
+    def _start_failed(self, origin: str, err: Capture, message: Any) -> None:
+        returncode = self._exit.returncode(0.5)
+        self.kill()
+        drain(self.err_fd, err)
+        self.close()
+        reason = message or getattr(self._exit, "error", "") or err.text().strip()[-2000:]
+        raise WorkerStartError(
+            f"{origin} exited during start-up (status {returncode}): {reason}"
+        )
+
+    # -- Talking -------------------------------------------------------------------------------
+
+    def send(self, message: dict[str, Any], timeout_s: float, fds: Sequence[int] = ()) -> bool:
+        """Send one message; False when the worker is gone. Blocks (up to ``timeout_s``) only
+        for messages bigger than the socket buffer."""
+        data = protocol.encode(message)
+        try:
+            if fds:
+                sent = self.sock.sendmsg(
+                    [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                )
+            else:
+                sent = self.sock.send(data)
+            if sent < len(data):
+                # Code bigger than the socket buffer (~400 kB) must wait for the worker to
+                # read it.
+                self.sock.settimeout(timeout_s)
+                try:
+                    self.sock.sendall(data[sent:])
+                finally:
+                    self.sock.setblocking(False)
+        except OSError:
+            return False
+        return True
+
+    def receive(self) -> Iterator[tuple[dict[str, Any], list[int]]]:
+        """The whole messages available now, each with the fds that came with it. Sets
+        ``connected`` to False when the worker is gone or spoke garbage."""
+        while self.connected:
             try:
-                chunk = self.sock.recv(_CHUNK)
+                data, ancillary, _, _ = self.sock.recvmsg(_CHUNK, _ANCILLARY)
             except BlockingIOError:
-                return {"type": "pending"}
+                return
             except OSError:
-                return None
-            if not chunk:
-                return None
+                self.connected = False
+                return
+            for level, kind, payload in ancillary:
+                if level != socket.SOL_SOCKET:
+                    continue
+                if kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                    self._fds.extend(fds)
+                elif kind == socket.SCM_CREDENTIALS:
+                    self._sender_pid = _UCRED.unpack(payload[:_UCRED.size])[0]
+            if not data:
+                self.connected = False
+                return
             try:
-                messages = self._frames.feed(chunk)
+                messages = self._frames.feed(data)
             except protocol.ProtocolError as e:
                 logger.warning("worker %d sent an invalid message: %s", self.pid, e)
-                return None
-            if messages:
-                return messages[0]
+                self.connected = False
+                return
+            for message in messages:
+                fds_of_message, self._fds = self._fds, []
+                yield message, fds_of_message
+            if len(data) < _CHUNK:
+                return
+
+    def _await_reply(self, timeout_s: float) -> tuple[dict[str, Any], list[int]]:
+        """The next message and its fds, outside of a step (commands other than run)."""
+        deadline = time.monotonic() + timeout_s
+        while self.connected:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            watched: list[Any] = [self.sock]
+            if self._exit.fd >= 0:
+                watched.append(self._exit.fd)
+            select.select(watched, [], [], remaining)
+            for message, fds in self.receive():
+                return message, fds
+            if self._exit.fd >= 0 and select.select([self._exit.fd], [], [], 0)[0]:
+                break
+        return {"type": "error", "message": "the worker is gone"}, []
+
+    def begin(self, code: str, limits: Limits, *, snapshot: bool = False,
+              parking: Cgroup | None = None) -> StepRun:
+        """Send ``code``; drive the returned step with :func:`steps.run_many`."""
+        return StepRun(self, code, limits, snapshot=snapshot, parking=parking)
 
     def run(self, code: str, limits: Limits) -> ExecResult:
         """Run ``code`` to completion, timeout or death; the worker may be dead afterwards."""
-        out, err = _Capture(limits.max_output_bytes), _Capture(limits.max_output_bytes)
-        started = time.perf_counter()
-        deadline = time.monotonic() + limits.timeout_s + HARD_KILL_GRACE_S
-        try:
-            # Blocking while sending: code bigger than the socket buffer (~400 kB) must wait
-            # for the worker to read it; a non-blocking sendall fails half-way.
-            self.sock.settimeout(limits.timeout_s + HARD_KILL_GRACE_S)
-            self.sock.sendall(protocol.encode(
-                {"cmd": "run", "code": code, "timeout_s": limits.timeout_s}
-            ))
-            self.sock.setblocking(False)
-        except OSError:
-            return self._died(out, err, started, limits)
-        sock_fd = self.sock.fileno()
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return self._timed_out(out, err, started, limits)
-            for fd, _ in self._poller.poll(remaining * 1000):
-                if fd == self.out_fd:
-                    _drain(fd, out)
-                elif fd == self.err_fd:
-                    _drain(fd, err)
-                elif fd == sock_fd:
-                    reply = self._read_reply()
-                    if reply is None or reply.get("type") not in ("pending", "result"):
-                        return self._died(out, err, started, limits)
-                    if reply["type"] == "result":
-                        _drain(self.out_fd, out)
-                        _drain(self.err_fd, err)
-                        return _result(reply, out, err, started)
+        return run_many([self.begin(code, limits)])[0]
 
-    def _timed_out(self, out: _Capture, err: _Capture, started: float,
-                   limits: Limits) -> ExecResult:
-        self.kill()
-        _drain(self.out_fd, out)
-        _drain(self.err_fd, err)
-        err.note(_STDERR_NOTES["timeout"].format(timeout=limits.timeout_s))
-        return ExecResult(
-            stdout=out.text(), stderr=err.text(), exit_code=128 + signal.SIGKILL,
-            wall_time_s=time.perf_counter() - started, stdout_truncated=out.truncated,
-            stderr_truncated=err.truncated, kill_reason="timeout", state_lost=True,
-        )
+    def snapshot(self, parking: Cgroup | None) -> FrozenCopy:
+        """Leave a frozen copy of the interpreter as it is now.
 
-    def _died(self, out: _Capture, err: _Capture, started: float, limits: Limits) -> ExecResult:
-        """The worker exited (or broke the protocol) in the middle of a step."""
-        status: int | None
-        try:
-            status = self.proc.wait(timeout=0.2)
-        except subprocess.TimeoutExpired:
-            status = None  # alive but incoherent: treat as a crash
-        oom = self.cgroup is not None and self.cgroup.oom_killed()
-        self.kill()
-        _drain(self.out_fd, out)
-        _drain(self.err_fd, err)
-        reason: KillReason
-        if oom:
-            reason, exit_code = "memory", 128 + signal.SIGKILL
-            note = _STDERR_NOTES["memory"]
-        elif status is not None and status < 0:
-            reason, exit_code = "signal", 128 - status
-            note = _STDERR_NOTES["signal"].format(signal=_signal_name(-status))
-        else:
-            reason, exit_code = "crash", 1 if status is None else status % 256
-            note = _STDERR_NOTES["crash"].format(status="unknown" if status is None else status)
-        err.note(note)
-        return ExecResult(
-            stdout=out.text(), stderr=err.text(), exit_code=exit_code,
-            wall_time_s=time.perf_counter() - started, stdout_truncated=out.truncated,
-            stderr_truncated=err.truncated, kill_reason=reason, state_lost=True,
-        )
+        The copy is moved into ``parking`` before this worker's cgroup is killed, not at once:
+        a snapshot costs the fork alone.
+        """
+        if not self.send({"cmd": "snapshot"}, START_TIMEOUT_S):
+            raise SnapshotError("the interpreter is gone")
+        reply, fds = self._await_reply(START_TIMEOUT_S)
+        if reply.get("type") != "snapshot" or len(fds) != 1:
+            _close(fds)
+            raise SnapshotError(f"no snapshot: {reply.get('message', 'no copy was made')}")
+        copy = FrozenCopy(fds[0])
+        self._unparked.append((copy, parking))
+        return copy
+
+    # -- Ending --------------------------------------------------------------------------------
+
+    @property
+    def exit_fd(self) -> int:
+        return self._exit.fd
+
+    def exit_returncode(self, timeout_s: float) -> int | None:
+        return self._exit.returncode(timeout_s)
+
+    def oom_killed(self) -> bool:
+        return self.cgroup is not None and self.cgroup.oom_kills() > self._oom_base
 
     def interrupt(self) -> None:
         """SIGKILL the worker and everything it started, from any thread.
 
-        A :meth:`run` in progress in another thread sees the death at once and returns its
-        result (``state_lost``); that thread still owns the clean-up (:meth:`kill`).
+        A step in progress in another thread sees the death at once and returns its result
+        (``state_lost``); that thread still owns the clean-up (:meth:`kill`).
         """
         with self._kill_lock:
-            if not self.alive or self.proc.returncode is not None:
-                return
-            if self.cgroup is not None:
-                self.cgroup.kill()
+            if self.alive:
+                self._signal_tree()
+
+    def _signal_tree(self) -> None:
+        for copy, parking in self._unparked:
+            copy.park(parking)  # out of the cgroup about to be killed
+        self._unparked.clear()
+        if self.pid <= 0:
+            return
+        if self.cgroup is not None:
+            # The cgroup holds every process of the worker, wherever it moved in the tree.
+            if self.pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                except OSError:
+                    pass
+            self.cgroup.kill()
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        else:
             processes.kill_tree(self.pid, pgid=self.pid)
 
     def kill(self) -> None:
@@ -305,66 +488,29 @@ class WorkerProcess:
             if not self.alive:
                 return
             self.alive = False
-            if self.cgroup is not None:
-                self.cgroup.kill()
-            processes.kill_tree(self.pid, pgid=self.pid)
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            logger.error("worker %d did not exit after SIGKILL", self.pid)
-        if self.cgroup is not None:
-            self.cgroup.remove()
+            self._signal_tree()
+        if self.pid > 0 and isinstance(self._exit, _SpawnedExit):
+            self._exit.returncode(5.0)  # our child: reap it
         self.sock.close()
 
     def close(self) -> None:
         """Kill the worker and release the parent's ends of its pipes."""
         self.kill()
+        self._exit.close()
         for fd in (self.out_fd, self.err_fd):
-            try:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
         self.out_fd = self.err_fd = -1
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        _close(self._fds)
+        self._fds = []
 
 
-def _drain(fd: int, capture: _Capture) -> None:
-    """Read everything available now from a non-blocking pipe."""
-    while True:
-        try:
-            chunk = os.read(fd, _CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as e:
-            if e.errno == errno.EINTR:
-                continue
-            return
-        if not chunk:
-            return
-        capture.add(chunk)
+def _close(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
-def _result(reply: dict[str, Any], out: _Capture, err: _Capture, started: float) -> ExecResult:
-    exit_code = reply.get("exit_code")
-    kill_reason = reply.get("kill_reason")
-    return ExecResult(
-        stdout=out.text(),
-        stderr=err.text(),
-        exit_code=exit_code if isinstance(exit_code, int) and 0 <= exit_code < 256 else 1,
-        wall_time_s=_seconds(reply.get("wall_time_s"), time.perf_counter() - started),
-        cpu_time_s=_seconds(reply.get("cpu_time_s"), 0.0),
-        stdout_truncated=out.truncated,
-        stderr_truncated=err.truncated,
-        kill_reason=kill_reason if kill_reason in ("timeout", "memory") else None,
-    )
-
-
-def _seconds(value: Any, default: float) -> float:
-    """A duration reported by the worker, which agent code could have forged."""
-    return float(value) if isinstance(value, (int, float)) and value >= 0 else default
-
-
-def _signal_name(signum: int) -> str:
-    try:
-        return f"{signal.Signals(signum).name} ({signum})"
-    except ValueError:
-        return str(signum)
+__all__ = ["START_TIMEOUT_S", "WorkerProcess", "run_many"]

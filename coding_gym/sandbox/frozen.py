@@ -1,0 +1,133 @@
+"""``FrozenCopy``: the parent's handle on a frozen copy of a worker's interpreter.
+
+A worker makes a frozen copy by forking (see ``worker.py``): the copy waits on a socket whose
+other end it hands to the parent. Each wake-up on that socket makes the copy fork a new live
+worker that talks over the fds sent along, so one copy can be restored any number of times.
+The copy exits as soon as the parent closes its end (also when the parent's process dies), and
+is killed through its pidfd on :meth:`release` in case it was stopped.
+
+Copies are moved into a *parking* cgroup: the worker's own cgroup is killed as a whole when
+the worker is, and the copies must survive that. Nothing the copy says is trusted for its
+identity: its pid comes from the kernel (``SCM_CREDENTIALS``).
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+from typing import Any
+
+from coding_gym.errors import WorkerStartError
+from coding_gym.sandbox import protocol
+from coding_gym.sandbox.cgroups import Cgroup
+
+logger = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("3i")
+_ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * array.array("i").itemsize)
+HELLO_TIMEOUT_S = 5.0
+
+
+class FrozenCopy:
+    """A frozen copy of an interpreter, ready to be woken as a new worker.
+
+    It is born in the worker's cgroup: :meth:`park` it before that cgroup is next killed.
+    """
+
+    def __init__(self, wake_fd: int) -> None:
+        self.sock = socket.socket(fileno=wake_fd)
+        self.pid: int | None = None
+        self.pidfd: int | None = None
+        self.parked = False
+        self._lock = threading.Lock()
+
+    def park(self, parking: Cgroup | None) -> bool:
+        """Learn the copy's pid and move it into ``parking``; False if the copy is gone."""
+        with self._lock:
+            if self.parked:
+                return True
+            if self.sock.fileno() < 0:
+                return False
+            try:
+                message, pid = receive_with_pid(self.sock, HELLO_TIMEOUT_S)
+            except (OSError, ValueError, protocol.ProtocolError) as e:
+                logger.warning("a frozen copy did not introduce itself: %s", e)
+                return False
+            if message.get("type") != "frozen" or pid is None:
+                return False
+            self.pid, self.pidfd = pid, open_pidfd(pid)
+            if parking is not None:
+                try:
+                    parking.add(pid)
+                except OSError as e:
+                    logger.warning("could not park the frozen copy %d: %s", pid, e)
+                    return False
+            self.parked = True
+            return True
+
+    def wake(self, fds: list[int]) -> None:
+        """Ask for a new worker over ``fds`` = [control socket, stdout, stderr] (sent, not
+        closed). The new worker says it is ready on the control socket."""
+        try:
+            self.sock.sendmsg(
+                [protocol.encode({"cmd": "wake"})],
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+            )
+        except OSError as e:
+            raise WorkerStartError(f"the frozen copy {self.pid} is gone: {e}") from e
+
+    def release(self) -> None:
+        """Let the copy go; safe to call twice."""
+        with self._lock:
+            if self.sock.fileno() < 0:
+                return
+            self.sock.close()
+            if self.pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                except OSError:
+                    pass
+                os.close(self.pidfd)
+                self.pidfd = None
+
+
+def open_pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid`` (Linux 5.3+), or None where the kernel has none."""
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return None
+
+
+def receive_with_pid(sock: socket.socket, timeout_s: float
+                     ) -> tuple[dict[str, Any], int | None]:
+    """Block for one whole message; also return the sender's pid as the kernel saw it (when
+    ``SO_PASSCRED`` was on at the receiving end before it was sent).
+
+    Fds that arrive with it are closed: nobody asked for them.
+    """
+    reader = protocol.FrameReader()
+    pid = None
+    while True:
+        if not select.select([sock], [], [], timeout_s)[0]:
+            raise TimeoutError(f"no message within {timeout_s:g} s")
+        data, ancillary, _, _ = sock.recvmsg(1 << 16, _ANCILLARY)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                pid = _UCRED.unpack(payload[:_UCRED.size])[0]
+            elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                for fd in fds:
+                    os.close(fd)
+        if not data:
+            raise ConnectionError("the peer closed the socket")
+        messages = reader.feed(data)
+        if messages:
+            return messages[0], pid

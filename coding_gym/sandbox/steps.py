@@ -1,0 +1,315 @@
+"""Steps in flight: send code to workers, drain their output, enforce deadlines, build results.
+
+:func:`run_many` drives any number of steps on different workers with one ``poll`` loop, so N
+workers run at once without a thread or process per worker; a single step is the case N = 1.
+
+Output arrives on two pipes per worker that this side drains while the step runs, so a program
+printing forever never blocks or fills memory: bytes past ``max_output_bytes`` are counted and
+dropped. The reply arrives on the control socket after the worker has flushed, so when it comes
+the step's output is already in the pipes. For the first :data:`QUIET_S` of a step only the
+reply and the worker's death can wake the parent: a short step's output is then read once,
+after the reply, instead of waking the parent a second time just before it. A program that
+fills a pipe sooner waits at most that long.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import signal
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from coding_gym.models import ExecResult, KillReason, Limits
+
+if TYPE_CHECKING:
+    from coding_gym.sandbox.cgroups import Cgroup
+    from coding_gym.sandbox.frozen import FrozenCopy
+    from coding_gym.sandbox.supervisor import WorkerProcess
+
+#: How long after ``timeout_s`` the parent waits for the in-worker timer before it kills the
+#: worker. Together with the kill and reap it keeps every step within timeout + 1 s.
+HARD_KILL_GRACE_S = 0.5
+#: How long a step runs before its output pipes are watched as well as its reply.
+QUIET_S = 0.002
+_CHUNK = 1 << 16
+_POLLIN = select.POLLIN
+_monotonic = time.monotonic
+_perf_counter = time.perf_counter
+
+_CAUSES = {
+    "timeout": "the step ran past its {timeout:g} s time limit and ignored the interrupt, so "
+               "the interpreter was killed",
+    "memory": "the interpreter ran out of memory and was killed",
+    "signal": "the interpreter was killed by signal {signal}",
+    "crash": "the interpreter exited with status {status}",
+}
+LOST = "variables from earlier steps are gone"
+ROLLED_BACK = "it was restored to its state before this step"
+
+
+class Capture:
+    """Bytes of one output stream for one step, kept up to a cap."""
+
+    __slots__ = ("data", "cap", "truncated")
+
+    def __init__(self, cap: int) -> None:
+        self.data = bytearray()
+        self.cap = cap
+        self.truncated = False
+
+    def note(self, text: str) -> None:
+        """Append a message of our own on a line of its own, past the cap if need be."""
+        if self.data and not self.data.endswith(b"\n"):
+            self.data += b"\n"
+        self.data += text.encode()
+
+    def add(self, chunk: bytes) -> None:
+        room = self.cap - len(self.data)
+        if len(chunk) > room:
+            self.truncated = True
+            chunk = chunk[:max(room, 0)]
+        self.data += chunk
+
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+
+def drain(fd: int, capture: Capture) -> None:
+    """Read everything available now from a non-blocking pipe."""
+    while True:
+        try:
+            chunk = os.read(fd, _CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno == errno.EINTR:
+                continue
+            return
+        if not chunk:
+            return
+        capture.add(chunk)
+        if len(chunk) < _CHUNK:
+            return  # a short read emptied the pipe: spare the read that would say so
+
+
+def note(kind: KillReason, consequence: str, **details: Any) -> str:
+    """The line the sandbox adds to stderr when it stopped the interpreter."""
+    return f"[coding_gym] {_CAUSES[kind].format(**details)}; {consequence}.\n"
+
+
+class StepRun:
+    """One step in flight on one worker. Create it, then pass it to :func:`run_many`.
+
+    With ``snapshot``, the worker leaves a frozen copy of itself before running the code
+    (a transactional step): if the step then has to be killed, the copy is first moved out of
+    the way (into ``parking``), and the caller can wake it in place of the dead worker.
+    """
+
+    __slots__ = ("worker", "limits", "out", "err", "started", "deadline", "result", "wake_fd",
+                 "frozen", "parking", "_snapshot_error")
+
+    def __init__(self, worker: WorkerProcess, code: str, limits: Limits, *,
+                 snapshot: bool = False, parking: Cgroup | None = None) -> None:
+        self.worker = worker
+        self.limits = limits
+        self.out = Capture(limits.max_output_bytes)
+        self.err = Capture(limits.max_output_bytes)
+        self.result: ExecResult | None = None
+        self.wake_fd = -1
+        self.frozen: FrozenCopy | None = None
+        self.parking = parking
+        self._snapshot_error = ""
+        self.started = _perf_counter()
+        self.deadline = _monotonic() + limits.timeout_s + HARD_KILL_GRACE_S
+        request: dict[str, Any] = {"cmd": "run", "code": code, "timeout_s": limits.timeout_s}
+        if snapshot:
+            request["snapshot"] = True
+        if not worker.send(request, limits.timeout_s + HARD_KILL_GRACE_S):
+            self._die()
+
+    def watched_fds(self, quiet: bool) -> tuple[int, ...]:
+        worker = self.worker
+        fds = (worker.sock.fileno(), worker.exit_fd)
+        return fds if quiet else (*fds, worker.out_fd, worker.err_fd)
+
+    def on_event(self, fd: int) -> None:
+        """Handle readiness of one of :meth:`watched_fds`; may finish the step."""
+        worker = self.worker
+        if fd == worker.out_fd:
+            drain(fd, self.out)
+        elif fd == worker.err_fd:
+            drain(fd, self.err)
+        elif fd == worker.exit_fd:
+            self._die()
+        else:
+            for message, fds in worker.receive():
+                kind = message.get("type")
+                if kind == "snapshot" and len(fds) == 1 and self.wake_fd < 0:
+                    self.wake_fd = fds[0]
+                    continue
+                for extra in fds:
+                    os.close(extra)
+                if kind == "snapshot":
+                    self._snapshot_error = str(message.get("error", "no copy was made"))
+                elif kind == "result":
+                    drain(worker.out_fd, self.out)
+                    drain(worker.err_fd, self.err)
+                    self.result = _result(message, self.out, self.err, self.started)
+                    return
+                else:
+                    self._die()
+                    return
+            if not worker.connected:
+                self._die()
+
+    def expire(self) -> None:
+        """The deadline passed: kill the worker (its copy survives) and report the timeout."""
+        self._keep_copy()
+        worker = self.worker
+        worker.kill()
+        drain(worker.out_fd, self.out)
+        drain(worker.err_fd, self.err)
+        consequence = ROLLED_BACK if self.frozen is not None else LOST
+        self.err.note(note("timeout", consequence, timeout=self.limits.timeout_s))
+        self.result = ExecResult(
+            stdout=self.out.text(), stderr=self.err.text(), exit_code=128 + signal.SIGKILL,
+            wall_time_s=_perf_counter() - self.started, stdout_truncated=self.out.truncated,
+            stderr_truncated=self.err.truncated, kill_reason="timeout",
+            state_lost=self.frozen is None,
+        )
+
+    def _die(self) -> None:
+        """The worker exited, or broke the protocol, in the middle of the step."""
+        self._keep_copy()
+        worker = self.worker
+        returncode = worker.exit_returncode(timeout_s=0.2)
+        oom = worker.oom_killed()
+        worker.kill()
+        drain(worker.out_fd, self.out)
+        drain(worker.err_fd, self.err)
+        consequence = ROLLED_BACK if self.frozen is not None else LOST
+        reason: KillReason
+        if oom:
+            reason, exit_code = "memory", 128 + signal.SIGKILL
+            text = note("memory", consequence)
+        elif returncode is not None and returncode < 0:
+            reason, exit_code = "signal", 128 - returncode
+            text = note("signal", consequence, signal=_signal_name(-returncode))
+        else:
+            reason = "crash"
+            exit_code = 1 if returncode is None else returncode % 256
+            text = note("crash", consequence,
+                        status="unknown" if returncode is None else returncode)
+        self.err.note(text)
+        self.result = ExecResult(
+            stdout=self.out.text(), stderr=self.err.text(), exit_code=exit_code,
+            wall_time_s=_perf_counter() - self.started, stdout_truncated=self.out.truncated,
+            stderr_truncated=self.err.truncated, kill_reason=reason,
+            state_lost=self.frozen is None,
+        )
+
+    def _keep_copy(self) -> None:
+        """Before the worker's cgroup is killed, move this step's frozen copy out of it."""
+        if self.wake_fd >= 0 and self.frozen is None:
+            from coding_gym.sandbox.frozen import FrozenCopy
+
+            copy = FrozenCopy(self.wake_fd)
+            self.wake_fd = -1
+            if copy.park(self.parking):
+                self.frozen = copy
+            else:
+                copy.release()
+
+    def take_copy(self) -> FrozenCopy | None:
+        """The frozen copy of the worker as it was before the step (parked), if one was made."""
+        self._keep_copy()
+        return self.frozen
+
+    def discard_copy(self) -> None:
+        """Let go of the step's copy: it exits when it sees its socket close."""
+        if self.wake_fd >= 0:
+            os.close(self.wake_fd)
+            self.wake_fd = -1
+        if self.frozen is not None:
+            self.frozen.release()
+            self.frozen = None
+
+    @property
+    def snapshot_error(self) -> str:
+        return self._snapshot_error
+
+
+def run_many(runs: Sequence[StepRun]) -> list[ExecResult]:
+    """Drive every step to its result with one poll loop; results in the order of ``runs``."""
+    pending = [run for run in runs if run.result is None]
+    poller = select.poll()
+    owner: dict[int, StepRun] = {}
+    quiet_until = _monotonic() + QUIET_S
+    quiet = True
+    for run in pending:
+        for fd in run.watched_fds(quiet=True):
+            if fd >= 0:
+                poller.register(fd, _POLLIN)
+                owner[fd] = run
+    while pending:
+        now = _monotonic()
+        if quiet and now >= quiet_until:
+            quiet = False
+            for run in pending:
+                for fd in (run.worker.out_fd, run.worker.err_fd):
+                    poller.register(fd, _POLLIN)
+                    owner[fd] = run
+        deadline = min(run.deadline for run in pending)
+        if now >= deadline:
+            for run in pending:
+                if run.deadline <= now:
+                    run.expire()
+        else:
+            wake_at = min(deadline, quiet_until) if quiet else deadline
+            for fd, _ in poller.poll((wake_at - now) * 1000):
+                run = owner.get(fd)  # type: ignore[assignment]
+                if run is not None and run.result is None:
+                    run.on_event(fd)
+        finished = [run for run in pending if run.result is not None]
+        if finished:
+            for run in finished:
+                for fd in run.watched_fds(quiet=False):
+                    if owner.pop(fd, None) is not None:
+                        poller.unregister(fd)
+            pending = [run for run in pending if run.result is None]
+    results = []
+    for run in runs:
+        assert run.result is not None
+        results.append(run.result)
+    return results
+
+
+def _result(reply: dict[str, Any], out: Capture, err: Capture, started: float) -> ExecResult:
+    exit_code = reply.get("exit_code")
+    kill_reason = reply.get("kill_reason")
+    return ExecResult(
+        stdout=out.text(),
+        stderr=err.text(),
+        exit_code=exit_code if isinstance(exit_code, int) and 0 <= exit_code < 256 else 1,
+        wall_time_s=_seconds(reply.get("wall_time_s"), _perf_counter() - started),
+        cpu_time_s=_seconds(reply.get("cpu_time_s"), 0.0),
+        stdout_truncated=out.truncated,
+        stderr_truncated=err.truncated,
+        kill_reason=kill_reason if kill_reason in ("timeout", "memory") else None,
+    )
+
+
+def _seconds(value: Any, default: float) -> float:
+    """A duration reported by the worker, which agent code could have forged."""
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else default
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return f"{signal.Signals(signum).name} ({signum})"
+    except ValueError:
+        return str(signum)
+

@@ -1,0 +1,459 @@
+"""The zygote: a warmed-up Python that forks each episode's worker, so a reset costs a fork.
+
+A fresh interpreter costs 40-55 ms to start (110-130 ms when the code imports NumPy); a fork of
+one that has already imported everything costs 1-2 ms. The zygote is that parent: started once
+per process (lazily, by :func:`get`), it imports the modules to preload, warms up the worker's
+step machinery, freezes its objects out of the garbage collector (so children do not copy
+the pages it would touch), and then waits for requests.
+
+Each request carries the new worker's control socket, stdout and stderr pipes and a status
+socket, passed with ``SCM_RIGHTS``. The zygote forks; the child drops the zygote's own sockets,
+starts a new session, moves to the episode's directory and environment, reseeds NumPy's global
+generator (``random`` reseeds itself at fork) and then runs the same start-up path as a spawned
+worker (:func:`coding_gym.sandbox.worker.start`), isolation included. The zygote reaps its
+children and writes each one's exit status to its status socket: the worker is the zygote's
+child, not the env's, and only a parent can learn how a process ended. It is a child
+subreaper too, so copies of workers (snapshots and forks, made by double forks) land here and
+are reaped and reported the same way.
+
+The zygote stays single-threaded (a fork copies only the calling thread): it refuses to serve
+if the preloaded modules started threads. It exits when every process holding the other end
+of its channel has closed it, killing the workers it still has.
+
+Standard library only: the zygote process loads this module without the rest of the package.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import gc
+import importlib.util
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from coding_gym.sandbox import bootstrap, isolation, worker
+
+logger = logging.getLogger(__name__)
+
+#: Modules the default zygote imports, each only if it is installed.
+DEFAULT_PRELOAD: tuple[str, ...] = ("numpy",)
+START_TIMEOUT_S = 60.0
+_MAX_MESSAGE = 1 << 16
+_MAX_FDS = 8
+_REMEMBERED_EXITS = 4096
+#: Process names (``ps -o comm``, /proc/PID/comm) of the zygote and of its spare child.
+ZYGOTE_NAME = "cg-zygote"
+SPARE_NAME = "cg-zygote-spare"
+_PR_SET_NAME = 15
+
+
+class ZygoteError(OSError):
+    """The zygote could not be started or refused to serve."""
+
+
+# -- In the env's process ----------------------------------------------------------------------
+
+
+class Zygote:
+    """A running zygote, seen from the process that uses it. Get one with :func:`get`."""
+
+    def __init__(self, preload: Sequence[str]) -> None:
+        self.preload = tuple(preload)
+        self._lock = threading.Lock()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        settings = json.dumps({"preload": list(self.preload)})
+        home = tempfile.gettempdir()
+        try:
+            self.proc = subprocess.Popen(
+                bootstrap.python_command("zygote", str(theirs.fileno()), settings),
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), cwd=home,
+                env=isolation.worker_environment(home), start_new_session=True,
+            )
+        except OSError as e:
+            ours.close()
+            raise ZygoteError(f"could not start the zygote: {e}") from e
+        finally:
+            theirs.close()
+        self.channel = ours
+        self.pid = self.proc.pid
+        try:
+            ready = self._await_ready()
+        except BaseException:
+            self.close()
+            raise
+        self.imported: list[str] = ready.get("imported", [])
+        self.failed: dict[str, str] = ready.get("failed", {})
+        #: Address space of the zygote, which each worker starts with (RLIMIT_AS counts it).
+        self.vm_bytes = int(ready.get("vm_bytes", 0))
+        if ready.get("threads", 1) != 1:
+            self.close()
+            raise ZygoteError(
+                f"the preloaded modules {list(self.preload)} started threads in the zygote, "
+                "and forking a threaded process is unsafe; preload other modules"
+            )
+
+    def _await_ready(self) -> dict[str, Any]:
+        ready, _, _ = select.select([self.channel], [], [], START_TIMEOUT_S)
+        if not ready:
+            raise ZygoteError(f"the zygote did not start within {START_TIMEOUT_S:g} s")
+        data = self.channel.recv(_MAX_MESSAGE)
+        if not data:
+            raise ZygoteError(f"the zygote exited during start-up (status {self.proc.wait()})")
+        return dict(json.loads(data))
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def fork_worker(self, request: dict[str, Any], fds: Sequence[int]) -> None:
+        """Ask for a worker: ``fds`` = [control socket, stdout, stderr, status socket]."""
+        self._send({"cmd": "fork", **request}, fds)
+
+    def watch(self, pid: int, status_fd: int) -> None:
+        """Report the exit status of ``pid`` (a copy of a worker) on ``status_fd``."""
+        self._send({"cmd": "watch", "pid": pid}, [status_fd])
+
+    def _send(self, message: dict[str, Any], fds: Sequence[int]) -> None:
+        try:
+            with self._lock:
+                socket.send_fds(self.channel, [json.dumps(message).encode()], list(fds))
+        except OSError as e:
+            raise ZygoteError(f"the zygote is gone: {e}") from e
+
+    def close(self) -> None:
+        """Stop the zygote: it kills the workers it still has. Safe to call twice."""
+        self.channel.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_registry_lock = threading.Lock()
+_zygotes: dict[tuple[str, ...], Zygote] = {}
+_failures: dict[tuple[str, ...], str] = {}
+
+
+def default_preload() -> tuple[str, ...]:
+    """:data:`DEFAULT_PRELOAD`, without the modules that are not installed."""
+    return tuple(name for name in DEFAULT_PRELOAD if importlib.util.find_spec(name) is not None)
+
+
+def get(preload: Sequence[str] | None = None) -> Zygote | None:
+    """The process's zygote for ``preload`` (default :func:`default_preload`), started on first
+    use and restarted if it died; None when it cannot run here (logged once). Thread-safe."""
+    key = default_preload() if preload is None else tuple(preload)
+    with _registry_lock:
+        zygote = _zygotes.get(key)
+        if zygote is not None:
+            if zygote.alive:
+                return zygote
+            logger.warning("the zygote (pid %d) died with status %s; starting a new one",
+                           zygote.pid, zygote.proc.returncode)
+            del _zygotes[key]
+            zygote.close()
+        if key in _failures:
+            return None
+        try:
+            zygote = Zygote(key)
+        except ZygoteError as e:
+            _failures[key] = str(e)
+            logger.warning("workers will be started from scratch: %s", e)
+            return None
+        if zygote.failed:
+            logger.warning("the zygote could not import %s", zygote.failed)
+        _zygotes[key] = zygote
+        return zygote
+
+
+def shutdown() -> None:
+    """Stop every zygote of this process (at interpreter exit, or in tests)."""
+    with _registry_lock:
+        zygotes = list(_zygotes.values())
+        _zygotes.clear()
+        _failures.clear()
+    for zygote in zygotes:
+        zygote.close()
+
+
+def _forget_after_fork() -> None:
+    # A forked child of this process starts its own zygote when it needs one; the inherited
+    # objects are dropped without closing anything the parent still uses.
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _zygotes.clear()
+
+
+atexit.register(shutdown)
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+# -- In the zygote -----------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> None:
+    """Entry point of the zygote process: ``argv`` is [channel fd, settings as JSON]."""
+    channel = socket.socket(fileno=int(argv[0]))
+    settings = json.loads(argv[1])
+    imported, failed = [], {}
+    for name in settings["preload"]:
+        try:
+            importlib.import_module(name)
+            imported.append(name)
+        except BaseException as e:  # noqa: BLE001 - reported, and the zygote serves anyway
+            failed[name] = f"{type(e).__name__}: {e}"
+    _set_process_name(ZYGOTE_NAME)
+    worker.warm_up()
+    isolation.prepare()
+    # Copies of workers (snapshots, forks) are orphaned on purpose: adopt and reap them here.
+    isolation.become_subreaper()
+    _Loop(channel).serve({
+        "type": "ready", "pid": os.getpid(), "imported": imported, "failed": failed,
+        "threads": len(os.listdir("/proc/self/task")), "vm_bytes": _vm_bytes(),
+    })
+
+
+def _vm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class _Loop:
+    """The zygote's single-threaded loop: fork on request, reap on SIGCHLD, report exits."""
+
+    def __init__(self, channel: socket.socket) -> None:
+        self.channel = channel
+        self.watchers: dict[int, socket.socket] = {}
+        self.exits: collections.OrderedDict[int, int] = collections.OrderedDict()
+        self.spare: tuple[int, socket.socket] | None = None
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        self.poller = select.poll()
+        self.poller.register(channel, select.POLLIN)
+        self.poller.register(self.wake_r, select.POLLIN)
+
+    def serve(self, ready: dict[str, Any]) -> None:
+        # Everything imported so far is shared with every child: keep the collector off it.
+        gc.freeze()
+        self.channel.send(json.dumps(ready).encode())
+        self._fork_spare()
+        while True:
+            for fd, _ in self.poller.poll():
+                if fd == self.wake_r:
+                    self._drain_wakeups()
+                    self._reap()
+                elif fd == self.channel.fileno():
+                    if not self._handle_request():
+                        self._stop()
+                        return
+                else:
+                    self._drop_watcher(fd)
+
+    def _handle_request(self) -> bool:
+        """Serve one request; False when the channel is closed."""
+        try:
+            data, fds, _, _ = socket.recv_fds(self.channel, _MAX_MESSAGE, _MAX_FDS)
+        except OSError:
+            return False
+        if not data:
+            return False
+        try:
+            request = json.loads(data)
+            command = request.get("cmd")
+        except ValueError:
+            command = None
+        if command == "fork" and len(fds) == 4:
+            self._hand_over(data, fds)
+        elif command == "watch" and len(fds) == 1:
+            self._watch(int(request["pid"]), socket.socket(fileno=fds[0]))
+        else:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def _fork_spare(self) -> None:
+        """Fork the child that will take the next request.
+
+        Forking ahead moves the fork, and the copy-on-write faults of a child's first
+        moments, out of the reset that waits for the worker.
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return
+        if pid == 0:
+            self._wait_as_spare(theirs, ours)
+        theirs.close()
+        self.exits.pop(pid, None)
+        self.spare = (pid, ours)
+
+    def _hand_over(self, data: bytes, fds: list[int]) -> None:
+        """Give a fork request to the spare child, then make the next spare."""
+        *worker_fds, status = fds
+        status_sock = socket.socket(fileno=status)
+        if self.spare is None:
+            self._fork_spare()
+        if self.spare is None:
+            _send_quietly(status_sock, {"type": "error", "message": "fork failed"})
+            status_sock.close()
+        else:
+            pid, sock = self.spare
+            self.spare = None
+            try:
+                socket.send_fds(sock, [data], worker_fds)
+            except OSError as e:
+                _send_quietly(status_sock, {"type": "error", "message": f"no child: {e}"})
+                status_sock.close()
+            else:
+                self._add_watcher(pid, status_sock)
+            sock.close()
+        for fd in worker_fds:
+            os.close(fd)
+        self._fork_spare()
+
+    def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket) -> None:
+        """In a spare child: shed the zygote, wait for a request, become its worker."""
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            # Detach before closing: a socket object collected later would close whatever
+            # fd then has the same number.
+            for owned in (self.channel, zygote_end, *self.watchers.values()):
+                os.close(owned.detach())
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+            _set_process_name(SPARE_NAME)
+            _reseed()
+            data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, _MAX_FDS)
+            sock.close()
+            if data and len(fds) == 3:
+                _become_worker(json.loads(data), *fds)
+            code = 0
+        except BaseException:  # noqa: BLE001 - the parent reads it from the stderr pipe
+            try:
+                traceback.print_exc()
+                sys.stderr.flush()
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            os._exit(code)
+
+    def _watch(self, pid: int, status_sock: socket.socket) -> None:
+        if pid in self.exits:
+            _send_quietly(status_sock, {"type": "exit", "returncode": self.exits.pop(pid)})
+            status_sock.close()
+        else:
+            self._add_watcher(pid, status_sock)
+
+    def _add_watcher(self, pid: int, status_sock: socket.socket) -> None:
+        self.watchers[pid] = status_sock
+        # Readable only when the env closes its end: then nobody wants the status any more.
+        self.poller.register(status_sock, select.POLLIN)
+
+    def _drop_watcher(self, fd: int) -> None:
+        for pid, sock in list(self.watchers.items()):
+            if sock.fileno() == fd:
+                self.poller.unregister(fd)
+                del self.watchers[pid]
+                sock.close()
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            returncode = os.waitstatus_to_exitcode(status)
+            if self.spare is not None and self.spare[0] == pid:
+                self.spare[1].close()
+                self.spare = None
+            sock = self.watchers.pop(pid, None)
+            if sock is None:
+                self.exits[pid] = returncode
+                while len(self.exits) > _REMEMBERED_EXITS:
+                    self.exits.popitem(last=False)
+                continue
+            self.poller.unregister(sock)
+            _send_quietly(sock, {"type": "exit", "returncode": returncode})
+            sock.close()
+
+    def _stop(self) -> None:
+        """The env's process is gone or done: take the workers down with the zygote."""
+        pids = list(self.watchers)
+        if self.spare is not None:
+            pids.append(self.spare[0])
+        for pid in pids:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _become_worker(request: dict[str, Any], control: int, out: int, err: int) -> None:
+    """In a child of the zygote: take the episode's place, then serve it."""
+    _set_process_name(os.path.basename(sys.executable))
+    os.dup2(out, 1)
+    os.dup2(err, 2)
+    os.close(out)
+    os.close(err)
+    os.setsid()
+    os.chdir(request["workdir"])
+    os.environ.clear()
+    os.environ.update(request["environment"])
+    worker.start(socket.socket(fileno=control), request["config"])
+
+
+def _set_process_name(name: str) -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _send_quietly(sock: socket.socket, message: dict[str, Any]) -> None:
+    try:
+        sock.send(json.dumps(message).encode())
+    except OSError:
+        pass
+
+
+def _reseed() -> None:
+    """Fresh random state per worker: ``random`` reseeds itself at fork, NumPy does not."""
+    numpy_random = sys.modules.get("numpy.random")
+    if numpy_random is not None:
+        numpy_random.seed()
