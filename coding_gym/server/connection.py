@@ -79,6 +79,10 @@ class Connection:
             message = protocol.parse_message(frame, self.max_message_bytes)
         except protocol.ProtocolError as e:
             return e.reply()
+        except Exception as e:  # whatever a message holds, it must not end the session
+            logger.exception("session %s: unreadable message", self.session.id[:8])
+            return protocol.error_reply(f"unreadable message: {type(e).__name__}: {e}",
+                                        protocol.VALIDATION_ERROR)
         if isinstance(message, protocol.CloseMessage):
             return None
         if isinstance(message, protocol.StateMessage):

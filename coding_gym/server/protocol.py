@@ -105,7 +105,7 @@ def parse_message(frame: str | bytes, max_bytes: int) -> Message:
             "send shorter code", VALIDATION_ERROR)
     try:
         raw = json.loads(frame)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep
         raise ProtocolError(f"message is not valid JSON: {e}", INVALID_JSON) from e
     if not isinstance(raw, dict):
         raise ProtocolError(

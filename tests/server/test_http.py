@@ -215,11 +215,14 @@ def test_body_over_the_limit_is_413_whether_declared_or_streamed():
         assert http.post("/step", json={"action": {"code": "print(1)"}}).status_code == 200
 
 
-def test_malformed_json_body_is_422_and_server_survives(http):
+def test_malformed_json_body_is_refused_and_server_survives(http):
     response = http.post("/step", content=b"{not json",
                          headers={"content-type": "application/json"})
     assert response.status_code == 422
-    assert http.get("/health").status_code == 200
+    deep = http.post("/step", content=b"[" * 100_000,
+                     headers={"content-type": "application/json"})
+    assert 400 <= deep.status_code < 500
+    assert http.post("/step", json={"action": {"code": "print(1)"}}).status_code == 200
 
 
 def test_mcp_answers_json_rpc(http):

@@ -100,6 +100,7 @@ def test_close_gets_no_reply_and_a_normal_close(server):
 @pytest.mark.parametrize(
     ("frame", "code", "words"),
     [("{not json", "INVALID_JSON", "not valid JSON"),
+     ("[" * 100_000, "INVALID_JSON", "recursion"),
      ('{"type": "dance"}', "UNKNOWN_TYPE", "'dance'"),
      ('{"data": {}}', "UNKNOWN_TYPE", "None"),
      ("[1, 2]", "VALIDATION_ERROR", "JSON object"),
