@@ -155,36 +155,56 @@ class Cgroup:
             pass
         return 0
 
-    def kill(self, deadline_s: float = 2.0) -> None:
-        """SIGKILL every process in the cgroup, until it is empty or the deadline passes."""
+    def kill(self) -> None:
+        """SIGKILL every process of the cgroup, without waiting for them to exit.
+
+        A process with SIGKILL pending can no longer fork, so once a scan finds no pid that
+        was not signalled yet, the cgroup cannot grow again. Waiting for the exits is left to
+        :meth:`remove`: a process asleep in the kernel (memory reclaim waiting for dirty pages
+        to be written back, say) can take most of a second to die, and a step must not.
+        """
         if self._support.version == 2:
             try:
                 self._write(self._pids, "cgroup.kill", 1)
-            except OSError:
-                pass
-        end = time.monotonic() + deadline_s
-        pause = 0.00005
-        while True:
-            pids = self.pids()
-            if not pids or time.monotonic() > end:
                 return
-            for pid in pids:
+            except OSError:
+                pass  # before Linux 5.14: signal them one by one
+        signalled: set[int] = set()
+        while True:
+            fresh = [pid for pid in self.pids() if pid not in signalled]
+            if not fresh:
+                return
+            for pid in fresh:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-            # Killed processes leave within microseconds; a fork bomb takes longer to empty.
-            time.sleep(pause)
-            pause = min(pause * 2, 0.002)
+            signalled.update(fresh)
 
-    def remove(self) -> None:
-        """Remove the (empty) cgroup directories; retried briefly while the last exits finish."""
+    def remove(self, timeout_s: float = 10.0) -> None:
+        """Remove the cgroup once its last process has exited, killing stragglers again.
+
+        A fork that was under way during :meth:`kill` may still add a process, and a dying
+        one may linger in the kernel; both are waited for (up to ``timeout_s``), so no
+        directory is left behind. Safe to call twice.
+        """
+        end = time.monotonic() + timeout_s
+        pause = 0.0005
         for path in self._dirs:
-            for _ in range(50):
+            while True:
                 try:
                     os.rmdir(path)
                     break
                 except FileNotFoundError:
                     break
-                except OSError:
-                    time.sleep(0.002)
+                except OSError as e:
+                    if time.monotonic() > end:
+                        logger.warning("cgroup %s still busy after %g s: %s", path, timeout_s, e)
+                        break
+                for pid in self.pids():
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                time.sleep(pause)
+                pause = min(pause * 2, 0.02)
