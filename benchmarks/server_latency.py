@@ -4,13 +4,16 @@
 - the same step through ``RemoteBackend`` (``/ws``), through an HTTP session
   (``POST /step`` with ``X-Session-Id``), and stateless ``POST /step`` (OpenEnv's HTTP
   semantics: a fresh interpreter per request, so it pays a worker start every time);
-- aggregate steps/s with 1, 8, 32 and 64 WebSocket sessions stepping at once.
+- aggregate steps/s with 1, 8, 32 and 64 WebSocket sessions stepping at once;
+- with ``--docker-image``: the same server in a container from that image, reached through
+  ``DockerBackend``, and the start-to-healthy time of a container beside a host process.
 
 The server runs as ``coding-gym serve`` in a child process on loopback, so that client and
 server do not share a GIL. Targets (ratios within one run): WS p50 at most 3x the
-LocalBackend p50; 64 sessions without a single error.
+LocalBackend p50; 64 sessions without a single error; in Docker, step p50 and
+start-to-healthy at most 2x the same server on the host.
 
-    python benchmarks/server_latency.py [--steps 500] [--seconds 3]
+    python benchmarks/server_latency.py [--steps 500] [--seconds 3] [--docker-image IMAGE]
 
 Prints a table and writes benchmarks/results/server_latency.json.
 """
@@ -27,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import httpx
@@ -79,6 +82,42 @@ def serving(max_sessions: int) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(30)
+
+
+@contextmanager
+def serving_in_docker(image: str) -> Iterator[str]:
+    """A server container from ``image`` (started as DockerBackend starts it); its URL."""
+    from coding_gym.containers import ContainerSpec, lease_container
+
+    lease = lease_container(ContainerSpec(image), shared=False)
+    try:
+        yield lease.container.base_url
+    finally:
+        lease.release()
+
+
+def start_to_healthy(start: Callable[[], AbstractContextManager[str]], starts: int) -> list[float]:
+    """Seconds from launch until ``GET /health`` answers 200, ``starts`` times."""
+    samples = []
+    for _ in range(starts):
+        began = time.perf_counter()
+        with start() as url:
+            while True:
+                try:
+                    if httpx.get(f"{url}/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.01)
+            samples.append(time.perf_counter() - began)
+    return samples
+
+
+def docker_steps(image: str, steps: int) -> list[float]:
+    from coding_gym.backends.docker import DockerBackend
+
+    with DockerBackend(image=image) as backend:
+        backend.reset()
+        return _timed(lambda: backend.run(CODE), steps)
 
 
 def local_backend(steps: int) -> list[float]:
@@ -143,7 +182,8 @@ async def _throughput(url: str, sessions: int, seconds: float) -> dict[str, floa
             "errors": len(errors), "first_error": errors[0] if errors else None}
 
 
-def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0) -> dict[str, object]:
+def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0,
+        docker_image: str | None = None, starts: int = 5) -> dict[str, object]:
     latency = {"local_backend": _percentiles(local_backend(steps))}
     throughput = []
     with serving(max(CONCURRENCY)) as url:
@@ -152,6 +192,19 @@ def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0) -> di
         latency["http_stateless"] = _percentiles(http_stateless_steps(url, stateless_steps))
         for sessions in CONCURRENCY:
             throughput.append(asyncio.run(_throughput(url, sessions, seconds)))
+    targets = {}
+    startup: dict[str, dict[str, float]] = {}
+    if docker_image is not None:
+        latency["docker_websocket"] = _percentiles(docker_steps(docker_image, steps))
+        for where, start in (("host", lambda: serving(1)),
+                             ("docker", lambda: serving_in_docker(docker_image))):
+            samples = start_to_healthy(start, starts)
+            startup[where] = {k.replace("_us", "_ms"): v / 1000
+                              for k, v in _percentiles(samples).items() if k != "n"}
+        targets["docker_step_p50_at_most_2x_host"] = (
+            latency["docker_websocket"]["p50_us"] <= 2 * latency["websocket"]["p50_us"])
+        targets["docker_start_p50_at_most_2x_host"] = (
+            startup["docker"]["p50_ms"] <= 2 * startup["host"]["p50_ms"])
     floor = latency["local_backend"]["p50_us"]
     for row in latency.values():
         row["p50_vs_local"] = row["p50_us"] / floor
@@ -162,9 +215,11 @@ def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0) -> di
                     "platform": platform.platform()},
         "latency": latency,
         "throughput": throughput,
+        "start_to_healthy": startup,
         "targets": {
             "websocket_p50_at_most_3x_local": latency["websocket"]["p50_vs_local"] <= 3.0,
             "64_sessions_without_errors": throughput[-1]["errors"] == 0,
+            **targets,
         },
     }
 
@@ -179,6 +234,11 @@ def print_table(report: dict[str, object]) -> None:
     for row in report["throughput"]:  # type: ignore[attr-defined]
         print(f"{row['sessions']:<18}{row['steps_per_s']:>10.0f}{row['steps']:>8}"
               f"{row['errors']:>8}")
+    startup: dict[str, dict[str, float]] = report["start_to_healthy"]  # type: ignore[assignment]
+    if startup:
+        print(f"\n{'start to healthy':<18}{'p50 ms':>10}{'p95 ms':>10}")
+        for where, row in startup.items():
+            print(f"{where:<18}{row['p50_ms']:>10.0f}{row['p95_ms']:>10.0f}")
     print("\ntargets:", ", ".join(f"{k}: {'met' if v else 'MISSED'}"
                                   for k, v in report["targets"].items()))  # type: ignore[attr-defined]
 
@@ -189,8 +249,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--stateless-steps", type=int, default=30)
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="duration of each throughput level")
+    parser.add_argument("--docker-image", default=None,
+                        help="also measure the server in a container from this image "
+                             "(for example coding-env:latest)")
+    parser.add_argument("--starts", type=int, default=5,
+                        help="server starts timed on the host and in Docker")
     args = parser.parse_args(argv)
-    report = run(args.steps, args.stateless_steps, args.seconds)
+    report = run(args.steps, args.stateless_steps, args.seconds, args.docker_image, args.starts)
     print_table(report)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / "server_latency.json"
