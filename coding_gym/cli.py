@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="token clients must send as 'Authorization: Bearer <token>' "
                             "(default: $CODING_GYM_TOKEN); needed to listen beyond loopback")
     serve.add_argument("--insecure", action="store_true",
-                       help="listen beyond loopback without a token: anyone who can reach "
-                            "the port can run code on this machine")
+                       help="listen beyond loopback without a token, answering any Host "
+                            "name: anyone who can reach the port can run code on this machine")
     serve.add_argument("--idle-timeout-s", type=_positive_float, default=600.0,
                        help="close sessions idle for this long (default: 600)")
     _add_limit_arguments(serve, "longest step a client may ask for")

@@ -198,8 +198,9 @@ class RemoteBackend:
         self.limits = limits or Limits()
         self._connection = ServerConnection(
             base_url, token=token, connect_timeout_s=connect_timeout_s,
-            # Worst case: both streams full of bytes JSON escapes as \\u00XX.
-            max_reply_bytes=12 * self.limits.max_output_bytes + (1 << 20),
+            # Worst case: both streams full of bytes JSON escapes as \\u00XX; the server's
+            # output limit may be larger than ours, hence the floor.
+            max_reply_bytes=max(64 << 20, 12 * self.limits.max_output_bytes + (1 << 20)),
         )
         self._server_sends_info = False
         self._episode_started = False

@@ -239,3 +239,11 @@ def test_against_a_plain_openenv_server_info_gets_defaults():
             result = backend.run("print('round trip')")
             assert result.stdout == "round trip\n"
             assert result.wall_time_s > 0  # measured by the client: the server sends none
+
+
+def test_output_bigger_than_the_clients_own_limit_still_arrives():
+    with running_server(limits=Limits(max_output_bytes=8 << 20)) as server, \
+            RemoteBackend(Limits(max_output_bytes=1000), base_url=server.url) as backend:
+        backend.reset()
+        result = backend.run("import sys\nsys.stdout.write('\\x01' * 5_000_000)")
+        assert len(result.stdout) == 5_000_000 and not result.stdout_truncated
