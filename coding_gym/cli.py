@@ -2,6 +2,7 @@
 
     coding-gym serve [--host 127.0.0.1] [--port 8000] [--token T | --insecure] ...
     coding-gym run FILE.py
+    coding-gym doctor [--json]
 
 Each command is a ``_cmd_<name>`` function registered in :func:`build_parser`.
 """
@@ -60,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("file", metavar="FILE.py", help="the program to run")
     _add_limit_arguments(run, "time limit of the program")
     run.set_defaults(handler=_cmd_run)
+
+    doctor = commands.add_parser(
+        "doctor", help="show which isolation layers protect sandboxed code here, and check them",
+        description="Start one sandbox worker, print which isolation layers are active and why "
+                    "the others are not, and check from inside the sandbox that the active ones "
+                    "hold. Exit status: 0 all active, 1 some unavailable, 2 one does not hold.",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.set_defaults(handler=_cmd_doctor)
     return parser
 
 
@@ -69,6 +79,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     code: int = args.handler(args, parser)
     return code
+
+
+def _cmd_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from coding_gym import doctor
+
+    return doctor.run(as_json=args.json, out=sys.stdout)
 
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
