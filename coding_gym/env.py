@@ -125,6 +125,10 @@ class CodingEnv(gym.Env[Observation, str]):
     - ``reward_transforms`` (None): ``"openenv"``, or a list of callables
       ``(code, result, reward) -> reward`` applied in order (see Rewards).
     - Any other keyword goes to the backend (for example ``base_url`` for ``"remote"``).
+    - ``isolation`` (local backend): the sandbox layers around the interpreter, an
+      :class:`coding_gym.models.Isolation` or a dict such as ``{"network": False}``. Every
+      layer the machine allows is on by default; ``env.unwrapped.backend.describe()`` says
+      which are active, and ``coding-gym doctor`` why the others are not (see SECURITY.md).
 
     ## Information
 
