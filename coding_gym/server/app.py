@@ -172,8 +172,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
         if session_id is None:
             return reset_reply(body.episode_id or new_episode_id(body.seed))
         session = find_session(session_id)
-        return await run(manager.call(session, session.reset, body.seed,
-                                               body.episode_id))
+        return await run(manager.call(session, session.reset, body.seed, body.episode_id))
 
     @app.post("/step", dependencies=guarded, tags=["Environment"])
     async def step(request: Request, body: StepRequest,
@@ -182,7 +181,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
         if session_id is not None:
             session = find_session(session_id)
             return await run(manager.call(session, session.step, body.action.code,
-                                                   body.timeout_s))
+                                          body.timeout_s))
         session = open_session()
         try:
             call = manager.call(session, session.step, body.action.code, body.timeout_s)
@@ -208,7 +207,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
         session = open_session()
         try:
             reply = await run(manager.call(session, session.reset, body.seed,
-                                                    body.episode_id))
+                                           body.episode_id))
         except BaseException:
             await manager.close(session)
             raise
