@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 from websockets.asyncio.client import connect
@@ -120,24 +121,31 @@ def docker_steps(image: str, steps: int) -> list[float]:
         return _timed(lambda: backend.run(CODE), steps)
 
 
-def local_backend(steps: int) -> list[float]:
-    with LocalBackend() as backend:
-        backend.reset()
-        return _timed(lambda: backend.run(CODE), steps)
+def interleaved_steps(url: str, steps: int, block: int = 50) -> dict[str, list[float]]:
+    """Step latency of LocalBackend, /ws and an HTTP session, sampled in turns of ``block``.
 
-
-def websocket_steps(url: str, steps: int) -> list[float]:
-    with RemoteBackend(base_url=url) as backend:
-        backend.reset()
-        return _timed(lambda: backend.run(CODE), steps)
-
-
-def http_session_steps(url: str, steps: int) -> list[float]:
-    with httpx.Client(base_url=url) as http:
+    Back to back within a turn (each design's steady state), in turns across the run: a
+    change of machine load during the run weighs on all three alike, so their ratios hold
+    even on a busy machine. Each design's first turn is a warm-up.
+    """
+    body = {"action": {"code": CODE}}
+    with LocalBackend() as local, RemoteBackend(base_url=url) as remote, \
+            httpx.Client(base_url=url) as http:
+        local.reset()
+        remote.reset()
         session_id = http.post("/sessions").json()["session_id"]
         headers = {"X-Session-Id": session_id}
-        body = {"action": {"code": CODE}}
-        samples = _timed(lambda: http.post("/step", json=body, headers=headers).json(), steps)
+        designs: dict[str, Callable[[], object]] = {
+            "local_backend": lambda: local.run(CODE),
+            "websocket": lambda: remote.run(CODE),
+            "http_session": lambda: http.post("/step", json=body, headers=headers).json(),
+        }
+        samples: dict[str, list[float]] = {name: [] for name in designs}
+        for turn in range(1 + -(-steps // block)):
+            for name, step in designs.items():
+                timed = _timed(step, block, warm_up=0)
+                if turn > 0:
+                    samples[name].extend(timed)
         http.delete(f"/sessions/{session_id}")
     return samples
 
@@ -148,7 +156,7 @@ def http_stateless_steps(url: str, steps: int) -> list[float]:
         return _timed(lambda: http.post("/step", json=body).json(), steps, warm_up=3)
 
 
-async def _throughput(url: str, sessions: int, seconds: float) -> dict[str, float]:
+async def _throughput(url: str, sessions: int, seconds: float) -> dict[str, Any]:
     ws_url = url.replace("http://", "ws://") + "/ws"
     step = json.dumps({"type": "step", "data": {"code": CODE}})
     counts = [0] * sessions
@@ -184,11 +192,10 @@ async def _throughput(url: str, sessions: int, seconds: float) -> dict[str, floa
 
 def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0,
         docker_image: str | None = None, starts: int = 5) -> dict[str, object]:
-    latency = {"local_backend": _percentiles(local_backend(steps))}
     throughput = []
     with serving(max(CONCURRENCY)) as url:
-        latency["websocket"] = _percentiles(websocket_steps(url, steps))
-        latency["http_session"] = _percentiles(http_session_steps(url, steps))
+        latency = {name: _percentiles(samples)
+                   for name, samples in interleaved_steps(url, steps).items()}
         latency["http_stateless"] = _percentiles(http_stateless_steps(url, stateless_steps))
         for sessions in CONCURRENCY:
             throughput.append(asyncio.run(_throughput(url, sessions, seconds)))
