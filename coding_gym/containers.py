@@ -253,6 +253,11 @@ def _start(spec: ContainerSpec, startup_timeout_s: float) -> ServerContainer:
         "labels": {OWNER_PID_LABEL: str(os.getpid()), OWNER_HOST_LABEL: socket.gethostname()},
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
+        # Agent code may write to its episode's directory under /tmp, never to the image: the
+        # server's own files stay intact whatever a session does. The tmpfs counts against
+        # the container's memory limit.
+        "read_only": True,
+        "tmpfs": {"/tmp": "rw,nosuid,nodev"},
     }
     if spec.server_args:
         options["command"] = list(spec.server_args)

@@ -85,6 +85,13 @@ def test_container_has_memory_and_process_limits(server_image, docker_client):
         assert host_config["Memory"] == 768 * 1024 * 1024
         assert host_config["PidsLimit"] == 200
         assert host_config["CapDrop"] == ["ALL"]
+        assert host_config["ReadonlyRootfs"] is True
+        backend.reset()
+        result = backend.run("open('notes.txt', 'w').write('kept')\n"
+                             "print(open('notes.txt').read())\n"
+                             "import sys\n"
+                             "open(sys.prefix + '/planted.py', 'w')")
+        assert result.stdout == "kept\n" and "Read-only file system" in result.stderr
 
 
 def test_make_vec_shares_one_container(server_image, docker_client):
