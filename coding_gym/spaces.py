@@ -12,6 +12,9 @@ from coding_gym.errors import SharedMemoryUnsupported
 
 #: Characters used by :meth:`AnyText.sample`. Membership does not depend on them.
 SAMPLE_CHARSET = string.ascii_letters + string.digits + string.punctuation + " \n\t"
+#: Longest string :meth:`AnyText.sample` draws when no length is given: a sampled action is a
+#: short snippet, not up to ``max_length`` (100,000 by default) characters of noise.
+SAMPLE_MAX_LENGTH = 64
 
 
 class AnyText(Text):
@@ -33,6 +36,13 @@ class AnyText(Text):
     def contains(self, x: Any) -> bool:
         """Return True for any ``str`` whose length lies between the bounds."""
         return isinstance(x, str) and self.min_length <= len(x) <= self.max_length
+
+    def sample(self, mask: Any = None, probability: Any = None) -> str:
+        """A random string of :data:`SAMPLE_CHARSET` characters, at most 64 long by default."""
+        if mask is None and probability is None:
+            upper = max(self.min_length, min(self.max_length, SAMPLE_MAX_LENGTH))
+            mask = (int(self.np_random.integers(self.min_length, upper + 1)), None)
+        return super().sample(mask=mask, probability=probability)
 
     @property
     def is_np_flattenable(self) -> bool:

@@ -47,3 +47,10 @@ def test_equality_copy_and_pickle():
     assert space != AnyText(max_length=8)
     assert deepcopy(space) == space
     assert pickle.loads(pickle.dumps(space)) == space
+
+
+def test_sample_is_short_by_default_but_length_can_be_asked():
+    space = AnyText(max_length=100_000, seed=0)
+    assert max(len(space.sample()) for _ in range(200)) <= 64
+    assert len(space.sample(mask=(500, None))) == 500
+    assert AnyText(max_length=3, min_length=3, seed=0).sample().__len__() == 3
