@@ -109,20 +109,34 @@ if ((!FORCE)) && [[ $current == "$build_hash" ]]; then
   log "$IMAGE is up to date"
 else
   log "building $IMAGE on $BASE_IMAGE"
-  previous=$(docker image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
+  # The build stage gets a tag of its own: without one, every change leaves its last layer
+  # behind as an untagged image, and removing those by hand would take the dependency layer
+  # (the slow one) with them.
+  if [[ ${IMAGE##*/} == *:* ]]; then
+    build_stage="${IMAGE%:*}-build-stage:${IMAGE##*:}"
+  else
+    build_stage="$IMAGE-build-stage"
+  fi
   build_log=$(mktemp)
-  if ! docker build --build-arg "BASE_IMAGE=$BASE_IMAGE" --label "$HASH_LABEL=$build_hash" \
-    --tag "$IMAGE" . >"$build_log" 2>&1; then
-    tail -n 60 "$build_log" >&2
-    rm -f "$build_log"
-    die "docker build failed"
-  fi
+  for target in "$build_stage" "$IMAGE"; do
+    previous=$(docker image inspect --format '{{.Id}}' "$target" 2>/dev/null || true)
+    if [[ $target == "$build_stage" ]]; then
+      target_args=(--target build)
+    else
+      target_args=(--label "$HASH_LABEL=$build_hash")
+    fi
+    if ! docker build "${target_args[@]}" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
+      --tag "$target" . >"$build_log" 2>&1; then
+      tail -n 60 "$build_log" >&2
+      rm -f "$build_log"
+      die "docker build failed"
+    fi
+    # What this build replaced; removal fails harmlessly while a container still uses it.
+    if [[ -n $previous && $previous != $(docker image inspect --format '{{.Id}}' "$target") ]]; then
+      docker image rm "$previous" >/dev/null 2>&1 || true
+    fi
+  done
   rm -f "$build_log"
-  # The image this build replaced would otherwise pile up, untagged, with every change;
-  # removal fails harmlessly while a container still uses it.
-  if [[ -n $previous && $previous != $(docker image inspect --format '{{.Id}}' "$IMAGE") ]]; then
-    docker image rm "$previous" >/dev/null 2>&1 || true
-  fi
   log "built $IMAGE ($(docker image inspect --format '{{.Size}}' "$IMAGE" | awk '{printf "%.0f MB", $1/1e6}'))"
 fi
 
