@@ -31,6 +31,7 @@ from coding_gym.sandbox import namespaces, seccomp, uids
 from coding_gym.sandbox.libc import libc
 
 _MB = 1024 * 1024
+_NICE = 19
 
 #: Layers applied inside the worker, in the order of :func:`apply`; the parent adds "cgroup".
 WORKER_LAYERS = ("network", "filesystem", "user", "rlimits", "seccomp")
@@ -342,7 +343,11 @@ def _apply_rlimits(limits: Mapping[str, Any], own_uid: bool) -> str:
     _set_limit(resource.RLIMIT_FSIZE, int(limits["max_file_mb"]) * _MB)
     _set_limit(resource.RLIMIT_NOFILE, int(limits["max_open_files"]))
     _set_limit(resource.RLIMIT_CORE, 0)
-    detail = "address space, file size, open files, no core dumps"
+    # The lowest CPU priority: the parent that enforces deadlines (and the learner beside
+    # it) must never wait for the CPU behind a fork bomb's spinning children. An
+    # unprivileged process cannot raise it again.
+    os.setpriority(os.PRIO_PROCESS, 0, _NICE)
+    detail = f"address space, file size, open files, no core dumps, nice {_NICE}"
     # RLIMIT_NPROC counts every task of the real uid and does not bind root. With the
     # episode's own uid it is an exact cap; with the caller's uid it can only be set above
     # what that user already runs. The pids cgroup is the cap that binds root.

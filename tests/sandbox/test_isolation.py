@@ -132,6 +132,14 @@ def test_isolation_coerce_pins_its_errors():
         Isolation.coerce(0)  # type: ignore[arg-type]
 
 
+def test_rlimits_layer_lowers_the_cpu_priority(workdir):
+    outcome = isolated(lambda: os.getpriority(os.PRIO_PROCESS, 0), workdir,
+                       **{**Isolation.none().layers(), "rlimits": True})
+    active(outcome, "rlimits")
+    assert outcome["answer"] == 19
+    assert "nice 19" in outcome["report"]["rlimits"]["detail"]
+
+
 # Network.
 
 
