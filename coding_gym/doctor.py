@@ -12,6 +12,7 @@ Exit status: 0 when every layer is active and holds, 1 when some layer is unavai
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import statistics
@@ -97,6 +98,10 @@ def diagnose(isolation: Isolation | None = None, timing_rounds: int = 10) -> Dia
     isolation = isolation or Isolation()
     limits = Limits(timeout_s=10.0)
     diagnosis = Diagnosis(layers=[], machine=_machine())
+    # The backend warns about unavailable layers; here the report says it, with advice.
+    backend_log = logging.getLogger("coding_gym.backends.local")
+    level = backend_log.level
+    backend_log.setLevel(logging.ERROR)
     try:
         with LocalBackend(limits, isolation) as backend:
             backend.reset()
@@ -106,6 +111,8 @@ def diagnose(isolation: Isolation | None = None, timing_rounds: int = 10) -> Dia
     except Exception as e:  # noqa: BLE001 - the doctor reports any failure, it never crashes
         diagnosis.error = f"could not start a sandbox worker: {type(e).__name__}: {e}"
         return diagnosis
+    finally:
+        backend_log.setLevel(level)
     if facts is None:
         diagnosis.error = f"the probe failed inside the sandbox: {result.stderr.strip()}"
         return diagnosis
