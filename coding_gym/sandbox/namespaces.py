@@ -56,6 +56,7 @@ _SIOCSIFFLAGS = 0x8914
 _IFF_UP = 0x1
 _IFREQ = struct.Struct("16sH22x")
 
+_PR_SET_DUMPABLE = 4
 _PR_CAP_AMBIENT = 47
 _PR_CAP_AMBIENT_CLEAR_ALL = 4
 _CAPABILITY_VERSION_3 = 0x20080522
@@ -80,6 +81,10 @@ def unshare(network: bool, filesystem: bool) -> bool:
         return False
     as_user = os.geteuid() != 0
     uid, gid = os.geteuid(), os.getegid()
+    if as_user:
+        # A process that changed uid on its way here is not dumpable, and a process that is
+        # not dumpable cannot write its own uid_map.
+        libc().prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
     if libc().unshare(flags | (CLONE_NEWUSER if as_user else 0)) != 0:
         raise error("unshare" + (" (with a user namespace, as a non-root user)" if as_user else ""))
     if as_user:

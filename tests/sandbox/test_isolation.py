@@ -384,22 +384,62 @@ def test_uid_leases_are_exclusive():
 # Without root: every layer degrades and says why; nothing raises.
 
 
+def _user_namespaces_allowed() -> bool:
+    for path, minimum in (("/proc/sys/kernel/unprivileged_userns_clone", 1),
+                          ("/proc/sys/user/max_user_namespaces", 1)):
+        try:
+            with open(path) as f:
+                if int(f.read()) < minimum:
+                    return False
+        except OSError:
+            pass
+    return True
+
+
+def _become_nobody() -> None:
+    os.setgroups([])
+    os.setresgid(65534, 65534, 65534)
+    os.setresuid(65534, 65534, 65534)
+
+
 @pytest.mark.skipif(not ROOT, reason="needs root to become another user for the test")
 def test_degrades_cleanly_as_an_unprivileged_user(workdir):
     os.chmod(workdir, 0o777)
     isolation.prepare()  # the child cannot read the interpreter's directories after the switch
 
-    def become_nobody() -> None:
-        os.setgroups([])
-        os.setresgid(65534, 65534, 65534)
-        os.setresuid(65534, 65534, 65534)
+    def probe() -> Any:
+        return {"uid": os.getuid(), "etc": error_of(lambda: open("/etc/x", "w").close())(),
+                "inet": error_of(lambda: socket.socket().close())()}
 
-    outcome = isolated(lambda: {"uid": os.getuid()}, workdir, before=become_nobody)
+    outcome = isolated(probe, workdir, before=_become_nobody)
     assert "crash" not in outcome, outcome
     report = outcome["report"]
     assert report["user"]["active"] is False
     assert "not running as root" in report["user"]["detail"]
-    assert outcome["answer"] == {"uid": 65534}
-    for name in ("network", "filesystem"):  # a user namespace, where the kernel allows it
-        assert report[name]["active"] or "namespace" in report[name]["detail"]
+    assert outcome["answer"]["uid"] == 65534 and outcome["answer"]["inet"] == 1
+    if _user_namespaces_allowed():  # then a user namespace builds the other walls
+        assert report["network"]["active"] and report["filesystem"]["active"], report
+        assert outcome["answer"]["etc"] == 30  # EROFS
+    else:
+        assert "namespace" in report["filesystem"]["detail"]
 
+
+@pytest.mark.skipif(not ROOT or not _user_namespaces_allowed(),
+                    reason="needs root to become another user, and user namespaces")
+def test_a_user_namespace_leaves_the_code_no_capabilities(workdir):
+    os.chmod(workdir, 0o777)
+    isolation.prepare()
+
+    def probe() -> Any:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        # MS_REMOUNT | MS_BIND: would make the root writable again with CAP_SYS_ADMIN.
+        result = libc.mount(None, b"/", None, 0x20 | 0x1000, None)
+        with open("/proc/self/status") as f:
+            effective = next(line.split()[1] for line in f if line.startswith("CapEff:"))
+        return {"remount": ctypes.get_errno() if result else 0, "caps": effective}
+
+    outcome = isolated(probe, workdir, before=_become_nobody, seccomp=False)
+    active(outcome, "filesystem")
+    assert outcome["answer"] == {"remount": 1, "caps": "0000000000000000"}
