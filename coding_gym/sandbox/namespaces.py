@@ -157,7 +157,6 @@ def isolate_filesystem(plan: FilesystemPlan) -> FilesystemResult:
     workdir = _open_path(plan.workdir)
     try:
         result = FilesystemResult(stuck=_make_read_only())
-        _detach_namespace_files()
         result.processes_hidden = _private_proc()
         tmp_options = f"mode=1777,size={plan.tmp_bytes},nr_inodes=65536"
         _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, tmp_options)
@@ -244,15 +243,6 @@ def _make_read_only() -> list[str]:
         if libc().umount2(os.fsencode(mount_point), _MNT_DETACH) != 0:
             stuck.append(f"{mount_point} ({failure.strerror})")
     return stuck
-
-
-def _detach_namespace_files() -> None:
-    """Unmount nsfs files (a runtime's handles on namespaces): a way back out, with setns()."""
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if fields[fields.index(b"-") + 1] == b"nsfs":
-                libc().umount2(os.fsencode(_unescape(fields[4])), _MNT_DETACH)
 
 
 def _private_proc() -> bool:
