@@ -331,3 +331,20 @@ def test_a_user_namespace_leaves_the_code_no_capabilities(workdir):
     outcome = isolated("capabilities", workdir, before="become_nobody", seccomp=False)
     active(outcome, "filesystem")
     assert outcome["answer"] == {"remount": 1, "caps": "0000000000000000"}
+
+
+# Through the env.
+
+
+def test_the_env_passes_isolation_to_its_backend_and_reports_it():
+    from coding_gym.env import CodingEnv
+
+    with CodingEnv(isolation={"network": False, "seccomp": False}) as env:
+        env.reset()
+        report = env.unwrapped.backend.describe()["isolation"]
+        observation = env.step("import socket\nsocket.socket().close()\nprint('ok')")[0]
+    assert report["network"] == report["seccomp"] == {"active": False, "detail": "turned off"}
+    assert set(report) == {"network", "filesystem", "user", "rlimits", "seccomp", "cgroup"}
+    assert observation["stdout"] == "ok\n"
+    with pytest.raises(ValueError, match="Unknown isolation option"):
+        CodingEnv(isolation={"nework": False})
