@@ -19,15 +19,19 @@ from coding_gym.models import ExecResult, Limits
 __version__ = "0.1.0"
 
 if "CodingEnv-v0" not in registry:
-    register(id="CodingEnv-v0", entry_point="coding_gym.env:CodingEnv")
+    register(id="CodingEnv-v0", entry_point="coding_gym.env:CodingEnv",
+             vector_entry_point="coding_gym.vector:CodingVectorEnv")
 
 if TYPE_CHECKING:
     from coding_gym.backends.local import LocalBackend
-    from coding_gym.env import CodingEnv
+    from coding_gym.env import CodingEnv, EnvSnapshot
     from coding_gym.spaces import AnyText
+    from coding_gym.vector import CodingVectorEnv
 
 _LAZY = {
     "CodingEnv": "coding_gym.env",
+    "CodingVectorEnv": "coding_gym.vector",
+    "EnvSnapshot": "coding_gym.env",
     "LocalBackend": "coding_gym.backends.local",
     "AnyText": "coding_gym.spaces",
 }
@@ -42,4 +46,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'coding_gym' has no attribute {name!r}")
 
 
-__all__ = ["AnyText", "CodingEnv", "ExecResult", "Limits", "LocalBackend", "__version__"]
+__all__ = ["AnyText", "CodingEnv", "CodingVectorEnv", "EnvSnapshot", "ExecResult", "Limits",
+           "LocalBackend", "__version__"]

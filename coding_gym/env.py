@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 from gymnasium import spaces
@@ -14,13 +15,16 @@ from gymnasium.error import ResetNeeded
 
 from coding_gym import transforms
 from coding_gym.backends import Backend, make_backend
-from coding_gym.errors import BackendError, InvalidAction
+from coding_gym.errors import BackendError, InvalidAction, SnapshotError
 from coding_gym.models import ExecResult, Limits
 from coding_gym.spaces import AnyText
 from coding_gym.tasks.episode import TaskEpisodes
 from coding_gym.tasks.loaders import resolve_tasks
 from coding_gym.tasks.task import Task
 from coding_gym.transforms import RewardTransform
+
+if TYPE_CHECKING:
+    from coding_gym.backends.local import LocalBackend, Snapshot
 
 Observation = dict[str, Any]
 
@@ -38,6 +42,11 @@ class CodingEnv(gym.Env[Observation, str]):
     the observation is what it printed and how it ended. Code runs in a separate worker
     process with limits enforced from inside and outside (see :class:`coding_gym.Limits`), so
     the code can neither hang nor crash the env.
+
+    With the local backend, :meth:`snapshot`, :meth:`restore` and :meth:`fork` save, bring
+    back and copy a whole episode, interpreter included, in milliseconds (for tree search and
+    agents that must not lose work). ``gymnasium.make_vec("CodingEnv-v0", num_envs=N)`` gives
+    :class:`coding_gym.vector.CodingVectorEnv`, which runs the N envs' code at once.
 
     ## Action Space
 
@@ -124,7 +133,13 @@ class CodingEnv(gym.Env[Observation, str]):
     - ``binary_reward`` (False): with ``tasks``, reward 1.0 only when every test passes.
     - ``reward_transforms`` (None): ``"openenv"``, or a list of callables
       ``(code, result, reward) -> reward`` applied in order (see Rewards).
-    - Any other keyword goes to the backend (for example ``base_url`` for ``"remote"``).
+    - Any other keyword goes to the backend (for example ``base_url`` for ``"remote"``). The
+      local backend takes ``start_method`` (``"zygote"``, the default: a reset forks a
+      warmed-up interpreter in milliseconds; or ``"spawn"``: a fresh one), ``preload``
+      (modules that interpreter has imported, default ``["numpy"]`` when installed) and
+      ``transactional`` (True: a step that times out or dies rolls the interpreter back to
+      its state before the step instead of losing it); see
+      :class:`coding_gym.backends.local.LocalBackend`.
     - ``isolation`` (local backend): the sandbox layers around the interpreter, an
       :class:`coding_gym.models.Isolation` or a dict such as ``{"network": False}``. Every
       layer the machine allows is on by default; ``env.unwrapped.backend.describe()`` says
@@ -157,6 +172,10 @@ class CodingEnv(gym.Env[Observation, str]):
     - ``test_results``: one dict per test, in the task's order:
       ``{"passed": bool, "message": str}``; the message says why a test failed (expected
       values are never shown). Empty when grading failed.
+
+    With ``transactional=True`` (local backend), ``info`` also has ``rolled_back``: True when
+    the step timed out or the interpreter died, and the interpreter was rolled back to its
+    state before the step (``state_lost`` is then False).
 
     ## Version History
 
@@ -225,19 +244,30 @@ class CodingEnv(gym.Env[Observation, str]):
         return observation, info
 
     def step(self, action: str) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
+        code = self._begin_step(action)
+        try:
+            result = self.backend.run(code)
+        except BackendError as e:
+            return self._finish_step(code, backend_failure(e), infra_error=str(e))
+        return self._finish_step(code, result)
+
+    # step() in two halves, around the run of the code: the native vector env
+    # (coding_gym.vector) runs the code of all its envs at once in between.
+
+    def _begin_step(self, action: Any) -> str:
+        """Check the action and count the step; return the code to run."""
         code = self._check_action(action)
         if self.episode_id is None:
             raise ResetNeeded("Call reset() before step(): no episode has started.")
         self.step_count += 1
-        truncated = False
-        infra_error = None
-        try:
-            result = self.backend.run(code)
-        except BackendError as e:
-            # Infrastructure failed, not the agent: end the episode without reward.
-            result = ExecResult(stderr=f"[coding_gym] backend error: {e}\n", exit_code=1,
-                                state_lost=True)
-            truncated, infra_error = True, str(e)
+        return code
+
+    def _finish_step(self, code: str, result: ExecResult, infra_error: str | None = None
+                     ) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
+        """Observation, reward, termination and info of a step whose code ran as ``result``
+        (``infra_error``: the backend failed, and ``result`` is :func:`backend_failure`)."""
+        # Infrastructure failed, not the agent: end the episode without reward.
+        truncated = infra_error is not None
         self._last = (code, result)
         observation = {
             "stdout": result.stdout,
@@ -307,6 +337,79 @@ class CodingEnv(gym.Env[Observation, str]):
         text = "\n".join(lines) + "\n" + result.stdout + result.stderr
         return text + f"[exit code {result.exit_code}, {result.wall_time_s:.3f} s]\n"
 
+    # Snapshots: the whole episode, interpreter included (local backend only).
+
+    def snapshot(self) -> EnvSnapshot:
+        """Save the episode: the interpreter (variables, imports, random state), the step
+        count, the episode id, the task and its graded steps, and ``np_random``.
+
+        Costs a fork of the interpreter (copy-on-write): a few milliseconds. Give the result
+        to :meth:`restore`, as many times as needed; release it when done (or use ``with``).
+        Files of the working directory are not saved.
+        """
+        backend = self._local_backend("snapshot")
+        return EnvSnapshot(backend.snapshot(), self._episode_state())
+
+    def restore(self, snapshot: EnvSnapshot) -> None:
+        """Bring back the episode saved by :meth:`snapshot` (the snapshot stays usable)."""
+        if not isinstance(snapshot, EnvSnapshot):
+            raise TypeError(
+                f"Expected an EnvSnapshot from CodingEnv.snapshot(), got {type(snapshot).__name__}"
+            )
+        self._local_backend("restore").restore(snapshot.interpreter)
+        self._set_episode_state(snapshot.episode)
+
+    def fork(self) -> CodingEnv:
+        """A new env in the same state as this one, interpreter included (copy-on-write).
+
+        From then on the two are independent, except that they share the working directory.
+        Close the new env like any other.
+        """
+        backend = self._local_backend("fork")
+        clone = copy.copy(self)
+        clone.backend = backend.fork()
+        clone._set_episode_state(self._episode_state())
+        if self._tasks is not None:
+            from coding_gym.backends.local import LocalBackend
+            from coding_gym.tasks.grading import Grader, grading_limits
+
+            grader = Grader(LocalBackend(grading_limits(self.limits), backend.isolation,
+                                         start_method=backend.start_method,
+                                         preload=backend.preload))
+            clone._tasks = self._tasks.fork(grader)
+        return clone
+
+    def _local_backend(self, operation: str) -> LocalBackend:
+        from coding_gym.backends.local import LocalBackend
+
+        if not isinstance(self.backend, LocalBackend):
+            raise SnapshotError(
+                f"{operation}() needs the local backend, and this env runs on "
+                f"{type(self.backend).__name__}"
+            )
+        if self.episode_id is None:
+            raise ResetNeeded(f"Call reset() before {operation}(): no episode has started.")
+        return self.backend
+
+    def _episode_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "episode_id": self.episode_id,
+            "step_count": self.step_count,
+            "last": self._last,
+            "np_random": copy.deepcopy(self.np_random),
+        }
+        if self._tasks is not None:
+            state["tasks"] = self._tasks.state()
+        return state
+
+    def _set_episode_state(self, state: dict[str, Any]) -> None:
+        self.episode_id = state["episode_id"]
+        self.step_count = state["step_count"]
+        self._last = state["last"]
+        self.np_random = copy.deepcopy(state["np_random"])
+        if self._tasks is not None and "tasks" in state:
+            self._tasks.set_state(state["tasks"])
+
     def close(self) -> None:
         """End the worker and release the backend; safe to call twice."""
         backend = getattr(self, "backend", None)
@@ -328,6 +431,34 @@ def _task_episodes(tasks: list[Task], backend: str | Backend, limits: Limits,
         backend, backend_options = "local", {}
     grading_backend = make_backend(backend, grading_limits(limits), **backend_options)
     return TaskEpisodes(tasks, Grader(grading_backend), binary_reward=binary_reward)
+
+
+class EnvSnapshot:
+    """A saved episode of a :class:`CodingEnv`, from :meth:`CodingEnv.snapshot`.
+
+    Holds a frozen copy of the interpreter (a process, sharing memory copy-on-write) until
+    :meth:`release`, the end of a ``with`` block, garbage collection, or the env's close.
+    """
+
+    def __init__(self, interpreter: Snapshot, episode: dict[str, Any]) -> None:
+        self.interpreter = interpreter
+        self.episode = episode
+
+    def release(self) -> None:
+        """Free the frozen interpreter; safe to call twice."""
+        self.interpreter.release()
+
+    def __enter__(self) -> EnvSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def backend_failure(error: BackendError) -> ExecResult:
+    """The result that stands in for a step the backend failed to run."""
+    return ExecResult(stderr=f"[coding_gym] backend error: {error}\n", exit_code=1,
+                      state_lost=True)
 
 
 def _millis(seconds: float) -> float:

@@ -79,7 +79,7 @@ class Snapshot:
     def __init__(self, copy: FrozenCopy, home: _Home) -> None:
         self.copy = copy
         self.home = home
-        self._finalizer = weakref.finalize(self, _release_snapshot, copy, home)
+        self._finalizer = weakref.finalize(self, _release_snapshot, copy, home, os.getpid())
 
     @property
     def released(self) -> bool:
@@ -96,15 +96,17 @@ class Snapshot:
         self.release()
 
 
-def _release_snapshot(copy: FrozenCopy, home: _Home) -> None:
-    copy.release()
-    home.release()
+def _release_snapshot(copy: FrozenCopy, home: _Home, owner: int) -> None:
+    if os.getpid() == owner:  # not in a forked child of the owner: the processes are not its
+        copy.release()
+        home.release()
 
 
 class _Episode:
     """Everything a backend holds: released by close or GC, so no process outlives it."""
 
     def __init__(self) -> None:
+        self.owner = os.getpid()
         self.worker: WorkerProcess | None = None
         self.home: _Home | None = None
         self.cgroup: Cgroup | None = None
@@ -120,6 +122,10 @@ class _Episode:
             self.home = None
 
     def release(self) -> None:
+        if os.getpid() != self.owner:
+            # A forked child of the owner collecting its copy of the backend: the worker, the
+            # directory and the cgroups are the owner's, and stay.
+            return
         self.release_interpreter()
         for snapshot in list(self.snapshots):
             snapshot.release()

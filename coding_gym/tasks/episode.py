@@ -40,6 +40,21 @@ class TaskEpisodes:
         self._cells: list[str] = []
         self._memo: OrderedDict[tuple[str, str], GradeReport] = OrderedDict()
 
+    def state(self) -> tuple[Task | None, list[str]]:
+        """The episode's part of this object, for :meth:`CodingEnv.snapshot`."""
+        return self.task, list(self._cells)
+
+    def set_state(self, state: tuple[Task | None, list[str]]) -> None:
+        self.task, cells = state
+        self._cells = list(cells)
+
+    def fork(self, grader: Grader) -> TaskEpisodes:
+        """A copy in the same episode state for a forked env, grading with ``grader``."""
+        clone = TaskEpisodes(self.tasks, grader, binary_reward=self.binary_reward)
+        clone.set_state(self.state())
+        clone._memo = OrderedDict(self._memo)
+        return clone
+
     @property
     def max_prompt_length(self) -> int:
         return max(len(task.prompt) for task in self.tasks)

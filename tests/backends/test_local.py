@@ -14,9 +14,10 @@ from coding_gym.models import Limits
 from tests.helpers import descendant_pids
 
 
-@pytest.fixture
-def backend():
-    b = LocalBackend(Limits(timeout_s=2.0, memory_mb=512, max_output_bytes=1 << 20))
+@pytest.fixture(params=["zygote", "spawn"])
+def backend(request):
+    b = LocalBackend(Limits(timeout_s=2.0, memory_mb=512, max_output_bytes=1 << 20),
+                     start_method=request.param)
     b.reset()
     yield b
     b.close()

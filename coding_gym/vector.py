@@ -1,0 +1,301 @@
+"""``CodingVectorEnv``: N coding envs in one process, their code run at once.
+
+``gymnasium.make_vec("CodingEnv-v0", num_envs=N)`` returns it. Each sub-env is a full
+:class:`~coding_gym.env.CodingEnv` (tasks, rewards, limits and snapshots included); only the
+running of the code is batched: a step sends the N programs to the N workers, then drives them
+all with one ``poll`` loop (:func:`coding_gym.sandbox.steps.run_many`), with no process or
+thread per env in between. Resets of several envs run side by side in threads, as they mostly
+wait for the zygote. Backends other than the local one are stepped through the same
+:class:`~coding_gym.backends.Backend` interface in threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
+
+from coding_gym.backends.local import LocalBackend
+from coding_gym.env import CodingEnv, Observation, backend_failure
+from coding_gym.errors import BackendError
+from coding_gym.models import ExecResult
+from coding_gym.sandbox.steps import StepRun, run_many
+
+
+class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
+    """``num_envs`` :class:`~coding_gym.env.CodingEnv` stepped together.
+
+    ## Spaces
+
+    Gymnasium's batched spaces of the sub-env's: an action is a tuple (or list) of ``num_envs``
+    programs; an observation is a dict whose ``stdout`` and ``stderr`` (and ``prompt`` with
+    tasks) are tuples of ``num_envs`` strings and whose ``exit_code`` is an int64 array.
+    Rewards, terminations and truncations are arrays; ``info`` has one array per key with a
+    boolean ``_key`` mask, as for every Gymnasium vector env.
+
+    ## Autoreset
+
+    ``autoreset_mode`` (in ``metadata["autoreset_mode"]``) is ``AutoresetMode.SAME_STEP``
+    by default: when a sub-env's episode ends, it is reset within the same ``step``, which
+    returns the first observation of the new episode; the last observation and info of the
+    ended episode are in ``info["final_obs"]`` and ``info["final_info"]`` (masked by
+    ``info["_final_obs"]``). Every action an agent writes is then run: with Gymnasium's
+    default ``NEXT_STEP`` mode the action after an episode's end is thrown away, which for a
+    program that took a model a while to write is a waste. ``NEXT_STEP`` and ``DISABLED``
+    (reset with ``options={"reset_mask": mask}``) behave as in
+    :class:`gymnasium.vector.SyncVectorEnv`.
+
+    ## Arguments
+
+    - ``num_envs``: number of sub-envs.
+    - ``autoreset_mode``: see Autoreset.
+    - ``max_episode_steps``: truncate an episode after this many steps (``gymnasium.make_vec``
+      passes the one of the registration or of its keyword arguments).
+    - Any other keyword goes to every :class:`~coding_gym.env.CodingEnv`.
+
+    Example:
+        >>> import gymnasium as gym, coding_gym
+        >>> envs = gym.make_vec("CodingEnv-v0", num_envs=2)
+        >>> obs, info = envs.reset(seed=0)
+        >>> obs, rewards, terminated, truncated, info = envs.step(("print(1)", "print(2)"))
+        >>> obs["stdout"]
+        ('1\\n', '2\\n')
+        >>> envs.close()
+    """
+
+    metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP,
+                                "render_modes": ["ansi"]}
+
+    def __init__(self, num_envs: int = 1, *,
+                 autoreset_mode: AutoresetMode | str = AutoresetMode.SAME_STEP,
+                 max_episode_steps: int | None = None, **env_kwargs: Any) -> None:
+        if isinstance(num_envs, bool) or not isinstance(num_envs, int) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive int, got {num_envs!r}")
+        if max_episode_steps is not None and max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be positive or None, got {max_episode_steps}")
+        self.autoreset_mode = AutoresetMode(autoreset_mode)
+        self.max_episode_steps = max_episode_steps
+        self.envs: list[CodingEnv] = []
+        try:
+            for _ in range(num_envs):
+                self.envs.append(CodingEnv(**env_kwargs))
+        except BaseException:
+            for env in self.envs:
+                env.close()
+            raise
+        first = self.envs[0]
+        self.num_envs = num_envs
+        self.metadata = {**first.metadata, "autoreset_mode": self.autoreset_mode}
+        self.render_mode = first.render_mode
+        self.single_observation_space = first.observation_space
+        self.single_action_space = first.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._observations: Any = create_empty_array(self.single_observation_space, num_envs)
+        self._env_obs: list[Observation] = [{} for _ in range(num_envs)]
+        self._rewards = np.zeros(num_envs, dtype=np.float64)
+        self._terminations = np.zeros(num_envs, dtype=np.bool_)
+        self._truncations = np.zeros(num_envs, dtype=np.bool_)
+        self._autoreset_envs = np.zeros(num_envs, dtype=np.bool_)
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- Gymnasium API -------------------------------------------------------------------------
+
+    def reset(self, *, seed: int | Sequence[int | None] | None = None,
+              options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Reset the sub-envs (those of ``options["reset_mask"]`` when given).
+
+        ``seed``: None, an int (sub-env ``i`` gets ``seed + i``) or one seed per sub-env.
+        """
+        if seed is None:
+            seeds: list[int | None] = [None] * self.num_envs
+        elif isinstance(seed, (int, np.integer)):
+            seeds = [int(seed) + i for i in range(self.num_envs)]
+        else:
+            seeds = list(seed)
+        if len(seeds) != self.num_envs:
+            raise ValueError(f"Expected {self.num_envs} seeds (one per sub-env), got {len(seeds)}")
+        options = dict(options) if options else {}
+        mask = self._reset_mask(options.pop("reset_mask", None))
+        self._terminations[mask] = False
+        self._truncations[mask] = False
+        self._autoreset_envs[mask] = False
+        indices = [i for i in range(self.num_envs) if mask[i]]
+        infos: dict[str, Any] = {}
+        for i, (obs, info) in zip(indices, self._reset_envs(indices, seeds, options or None),
+                                  strict=True):
+            self._env_obs[i] = obs
+            infos = self._add_info(infos, info, i)
+        return self._batch_observations(), infos
+
+    def step(self, actions: Sequence[str]
+             ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Run one program in each sub-env, all at once; autoreset as ``autoreset_mode`` says."""
+        actions = self._check_actions(actions)
+        if self.autoreset_mode is AutoresetMode.DISABLED and self._autoreset_envs.any():
+            done = np.flatnonzero(self._autoreset_envs).tolist()
+            raise ValueError(
+                f"Sub-envs {done} ended their episode and autoreset is disabled: reset them "
+                "with reset(options={'reset_mask': mask}) first"
+            )
+        resetting = (self._autoreset_envs.copy() if self.autoreset_mode is
+                     AutoresetMode.NEXT_STEP else np.zeros(self.num_envs, dtype=np.bool_))
+        stepping = [i for i in range(self.num_envs) if not resetting[i]]
+        # Every action is checked before any env counts a step: a bad one changes nothing.
+        for i in stepping:
+            self.envs[i]._check_action(actions[i])
+        codes = [self.envs[i]._begin_step(actions[i]) for i in stepping]
+        outcomes = self._run(stepping, codes)
+        infos: dict[str, Any] = {}
+        ended: list[int] = []
+        for i, code, (result, infra_error) in zip(stepping, codes, outcomes, strict=True):
+            env = self.envs[i]
+            obs, reward, terminated, truncated, info = env._finish_step(code, result, infra_error)
+            if self.max_episode_steps is not None and env.step_count >= self.max_episode_steps:
+                truncated = True
+            self._env_obs[i] = obs
+            self._rewards[i] = reward
+            self._terminations[i] = terminated
+            self._truncations[i] = truncated
+            if self.autoreset_mode is AutoresetMode.SAME_STEP and (terminated or truncated):
+                infos = self._add_info(infos, {"final_obs": obs, "final_info": info}, i)
+                ended.append(i)
+            else:
+                infos = self._add_info(infos, info, i)
+        restarted = ended + np.flatnonzero(resetting).tolist()
+        for i, (obs, info) in zip(restarted, self._reset_envs(restarted, None, None),
+                                  strict=True):
+            self._env_obs[i] = obs
+            infos = self._add_info(infos, info, i)
+            if resetting[i]:
+                self._rewards[i] = 0.0
+                self._terminations[i] = self._truncations[i] = False
+        self._autoreset_envs = np.logical_or(self._terminations, self._truncations)
+        if self.autoreset_mode is AutoresetMode.SAME_STEP:
+            self._autoreset_envs[:] = False
+        return (self._batch_observations(), self._rewards.copy(), self._terminations.copy(),
+                self._truncations.copy(), infos)
+
+    def render(self) -> tuple[Any, ...] | None:
+        """What each sub-env renders (``render_mode="ansi"``: the last step as text)."""
+        return tuple(env.render() for env in self.envs)
+
+    def close_extras(self, **kwargs: Any) -> None:
+        for env in self.envs:
+            env.close()
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> CodingVectorEnv:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Call method ``name`` (or get attribute ``name``) of every sub-env."""
+        results = []
+        for env in self.envs:
+            attribute = getattr(env, name)
+            results.append(attribute(*args, **kwargs) if callable(attribute) else attribute)
+        return tuple(results)
+
+    def get_attr(self, name: str) -> tuple[Any, ...]:
+        """Attribute ``name`` of every sub-env."""
+        return tuple(getattr(env, name) for env in self.envs)
+
+    def set_attr(self, name: str, values: list[Any] | tuple[Any, ...] | Any) -> None:
+        """Set attribute ``name`` of every sub-env: one value each, or the same for all."""
+        if not isinstance(values, (list, tuple)):
+            values = [values] * self.num_envs
+        if len(values) != self.num_envs:
+            raise ValueError(f"Expected {self.num_envs} values, one per sub-env, got {len(values)}")
+        for env, value in zip(self.envs, values, strict=True):
+            setattr(env, name, value)
+
+    # -- Internals -----------------------------------------------------------------------------
+
+    def _check_actions(self, actions: Any) -> list[Any]:
+        if isinstance(actions, (str, bytes)) or not isinstance(actions, Sequence):
+            raise TypeError(
+                f"Expected a tuple or list of {self.num_envs} programs (one per sub-env), got "
+                f"{type(actions).__name__}"
+            )
+        if len(actions) != self.num_envs:
+            raise ValueError(
+                f"Expected {self.num_envs} actions (one per sub-env), got {len(actions)}"
+            )
+        return list(actions)
+
+    def _reset_mask(self, mask: Any) -> np.ndarray:
+        if mask is None:
+            return np.ones(self.num_envs, dtype=np.bool_)
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ \
+                or mask.shape != (self.num_envs,):
+            raise ValueError(
+                f"options['reset_mask'] must be a bool numpy array of shape ({self.num_envs},), "
+                f"got {mask!r}"
+            )
+        if not mask.any():
+            raise ValueError("options['reset_mask'] must select at least one sub-env")
+        return mask
+
+    def _run(self, indices: list[int], codes: list[str]
+             ) -> list[tuple[ExecResult, str | None]]:
+        """Run ``codes[k]`` in sub-env ``indices[k]``; (result, infra error) for each."""
+        backends = [self.envs[i].backend for i in indices]
+        if all(isinstance(backend, LocalBackend) for backend in backends):
+            return _run_local(backends, codes)  # type: ignore[arg-type]
+        return list(self._threads().map(_run_one, backends, codes))
+
+    def _reset_envs(self, indices: list[int], seeds: Sequence[int | None] | None,
+                    options: dict[str, Any] | None) -> list[tuple[Observation, dict[str, Any]]]:
+        def reset(i: int) -> tuple[Observation, dict[str, Any]]:
+            return self.envs[i].reset(seed=None if seeds is None else seeds[i], options=options)
+
+        if len(indices) <= 1:
+            return [reset(i) for i in indices]
+        return list(self._threads().map(reset, indices))
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.num_envs,
+                                            thread_name_prefix="coding-gym-vector")
+        return self._pool
+
+    def _batch_observations(self) -> dict[str, Any]:
+        self._observations = concatenate(self.single_observation_space, self._env_obs,
+                                         self._observations)
+        return dict(self._observations)
+
+
+def _run_one(backend: Any, code: str) -> tuple[ExecResult, str | None]:
+    try:
+        return backend.run(code), None
+    except BackendError as e:
+        return backend_failure(e), str(e)
+
+
+def _run_local(backends: list[LocalBackend], codes: list[str]
+               ) -> list[tuple[ExecResult, str | None]]:
+    """One poll loop over every worker (see :func:`coding_gym.sandbox.steps.run_many`)."""
+    outcomes: list[tuple[ExecResult, str | None] | None] = [None] * len(backends)
+    started: list[tuple[int, StepRun]] = []
+    for k, (backend, code) in enumerate(zip(backends, codes, strict=True)):
+        try:
+            started.append((k, backend.begin(code)))
+        except BackendError as e:
+            outcomes[k] = (backend_failure(e), str(e))
+    results = run_many([step for _, step in started])
+    for (k, step), result in zip(started, results, strict=True):
+        try:
+            outcomes[k] = (backends[k].finish(step, result), None)
+        except BackendError as e:
+            outcomes[k] = (backend_failure(e), str(e))
+    return [outcome for outcome in outcomes if outcome is not None]
+

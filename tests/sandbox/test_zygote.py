@@ -1,0 +1,210 @@
+"""The zygote: workers forked from it are fresh, isolated from each other, limited and reaped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from coding_gym.backends.local import LocalBackend
+from coding_gym.models import Limits
+from coding_gym.sandbox import zygote
+from tests.helpers import descendant_pids
+
+
+def _backend(**kwargs) -> LocalBackend:
+    backend = LocalBackend(Limits(timeout_s=5.0), **kwargs)
+    backend.reset()
+    return backend
+
+
+def test_workers_come_from_the_zygote():
+    with _backend() as backend:
+        found = zygote.get()
+        assert found is not None
+        assert backend.describe()["start_method"] == "zygote"
+        ppid = backend.run("import os\nprint(os.getppid())").stdout.strip()
+        assert int(ppid) == found.pid
+
+
+def test_spawn_start_method_does_not_use_the_zygote():
+    with _backend(start_method="spawn") as backend:
+        assert backend.describe()["start_method"] == "spawn"
+        assert int(backend.run("import os; print(os.getppid())").stdout) == os.getpid()
+
+
+def test_unknown_start_method_is_refused():
+    with pytest.raises(ValueError, match="start_method must be 'zygote' or 'spawn', got 'fork'"):
+        LocalBackend(start_method="fork")  # type: ignore[arg-type]
+
+
+def test_preloaded_numpy_is_in_memory_but_not_in_the_namespace():
+    pytest.importorskip("numpy")
+    with _backend() as backend:
+        result = backend.run("import sys\nprint('numpy' in sys.modules)\nprint('np' in dir())")
+        assert result.stdout == "True\nFalse\n"
+
+
+def test_workers_are_isolated_from_each_other():
+    with _backend() as first, _backend() as second:
+        first.run("import os\nshared = 'first'\nos.environ['MINE'] = '1'\n"
+                  "open('file.txt', 'w').write('x')")
+        result = second.run("import os\nprint('shared' in dir(), os.environ.get('MINE'), "
+                            "os.path.exists('file.txt'), os.getcwd() == "
+                            f"{second.workdir!r})")
+        assert result.stdout == "False None False True\n"
+        assert first.worker_pid != second.worker_pid
+
+
+def test_each_worker_has_its_own_session_and_process_group():
+    with _backend() as backend:
+        pid = backend.worker_pid
+        assert pid is not None
+        assert os.getsid(pid) == pid and os.getpgid(pid) == pid
+
+
+def test_each_worker_gets_fresh_random_state():
+    pytest.importorskip("numpy")
+    code = "import random, numpy\nprint(random.random(), numpy.random.rand())"
+    outputs = set()
+    for _ in range(3):
+        with _backend() as backend:
+            outputs.add(backend.run(code).stdout)
+    assert len(outputs) == 3
+
+
+def test_each_worker_gets_its_own_limits():
+    code = "import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0] // 2**20)"
+    with _backend() as small, \
+            LocalBackend(Limits(memory_mb=900)) as large:
+        large.reset()
+        small_limit = int(small.run(code).stdout)
+        assert small_limit == Limits().memory_mb
+        assert int(large.run(code).stdout) == 900
+
+
+def test_memory_limit_too_small_for_the_zygote_falls_back_to_spawning():
+    found = zygote.get()
+    assert found is not None
+    too_small = max(16, found.vm_bytes // 2**20 // 2)
+    with LocalBackend(Limits(memory_mb=too_small)) as backend:
+        backend.reset()
+        assert backend.describe()["start_method"] == "spawn"
+
+
+@pytest.mark.parametrize(("code", "exit_code", "kill_reason"), [
+    ("import os; os._exit(7)", 7, "crash"),
+    ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", 128 + signal.SIGSEGV, "signal"),
+])
+def test_exit_status_of_a_forked_worker_is_reported(code, exit_code, kill_reason):
+    with _backend() as backend:
+        result = backend.run(code)
+        assert (result.exit_code, result.kill_reason, result.state_lost) == (
+            exit_code, kill_reason, True)
+
+
+def test_killing_a_forked_worker_kills_its_whole_tree(no_leaked_processes):
+    backend = _backend()
+    backend.run("import subprocess, os\n"
+                "subprocess.Popen(['sleep', '300'])\n"
+                "if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(300)\n")
+    pid = backend.worker_pid
+    assert pid is not None and len(descendant_pids(pid)) >= 1
+    backend.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_zygote_is_restarted_after_it_dies():
+    with _backend() as backend:
+        first = zygote.get()
+        assert first is not None
+        os.kill(first.pid, signal.SIGKILL)
+        first.proc.wait()
+        backend.reset()
+        second = zygote.get()
+        assert second is not None and second.pid != first.pid
+        assert backend.run("print('ok')").stdout == "ok\n"
+
+
+def test_failed_preload_is_reported_and_the_zygote_still_serves(caplog):
+    preload = ["coding_gym_no_such_module"]
+    with _backend(preload=preload) as backend:
+        found = zygote.get(preload)
+        assert found is not None
+        assert "coding_gym_no_such_module" in found.failed
+        assert backend.describe()["start_method"] == "zygote"
+        assert backend.run("print(1)").stdout == "1\n"
+
+
+def test_resets_from_many_threads_at_once(no_leaked_processes):
+    backends = [LocalBackend(Limits(timeout_s=5.0)) for _ in range(6)]
+    errors: list[BaseException] = []
+
+    def work(backend: LocalBackend) -> None:
+        try:
+            for i in range(3):
+                backend.reset()
+                assert backend.run(f"print({i})").stdout == f"{i}\n"
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(b,)) for b in backends]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for backend in backends:
+        backend.close()
+    assert not errors
+
+
+def test_the_zygote_and_its_spare_are_named():
+    with _backend():
+        found = zygote.get()
+        assert found is not None
+        with open(f"/proc/{found.pid}/comm") as f:
+            assert f.read().strip() == zygote.ZYGOTE_NAME
+        deadline = time.monotonic() + 5
+        spares: list[int] = []
+        while not spares and time.monotonic() < deadline:
+            spares = [pid for pid in descendant_pids_of(found.pid)
+                      if _comm(pid) == zygote.SPARE_NAME]
+            time.sleep(0.01)
+        assert spares
+
+
+def descendant_pids_of(pid: int) -> list[int]:
+    from coding_gym.sandbox.processes import descendants
+
+    return descendants(pid)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def test_shutdown_stops_the_zygote_and_its_workers():
+    backend = _backend()
+    found = zygote.get()
+    assert found is not None
+    worker = backend.worker_pid
+    zygote.shutdown()
+    assert found.proc.poll() is not None
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)  # type: ignore[arg-type]
+        except ProcessLookupError:
+            break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the worker outlived the zygote")
+    backend.close()
