@@ -125,12 +125,12 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         self._truncations[mask] = False
         self._autoreset_envs[mask] = False
         indices = [i for i in range(self.num_envs) if mask[i]]
-        infos: dict[str, Any] = {}
+        entries = []
         for i, (obs, info) in zip(indices, self._reset_envs(indices, seeds, options or None),
                                   strict=True):
             self._env_obs[i] = obs
-            infos = self._add_info(infos, info, i)
-        return self._batch_observations(), infos
+            entries.append((i, info))
+        return self._batch_observations(), self._batch_infos(entries)
 
     def step(self, actions: Sequence[str]
              ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -150,7 +150,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             self.envs[i]._check_action(actions[i])
         codes = [self.envs[i]._begin_step(actions[i]) for i in stepping]
         outcomes = self._run(stepping, codes)
-        infos: dict[str, Any] = {}
+        entries: list[tuple[int, dict[str, Any]]] = []
         ended: list[int] = []
         for i, code, (result, infra_error) in zip(stepping, codes, outcomes, strict=True):
             env = self.envs[i]
@@ -162,15 +162,15 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             self._terminations[i] = terminated
             self._truncations[i] = truncated
             if self.autoreset_mode is AutoresetMode.SAME_STEP and (terminated or truncated):
-                infos = self._add_info(infos, {"final_obs": obs, "final_info": info}, i)
+                entries.append((i, {"final_obs": obs, "final_info": info}))
                 ended.append(i)
             else:
-                infos = self._add_info(infos, info, i)
+                entries.append((i, info))
         restarted = ended + np.flatnonzero(resetting).tolist()
         for i, (obs, info) in zip(restarted, self._reset_envs(restarted, None, None),
                                   strict=True):
             self._env_obs[i] = obs
-            infos = self._add_info(infos, info, i)
+            entries.append((i, info))
             if resetting[i]:
                 self._rewards[i] = 0.0
                 self._terminations[i] = self._truncations[i] = False
@@ -178,7 +178,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         if self.autoreset_mode is AutoresetMode.SAME_STEP:
             self._autoreset_envs[:] = False
         return (self._batch_observations(), self._rewards.copy(), self._terminations.copy(),
-                self._truncations.copy(), infos)
+                self._truncations.copy(), self._batch_infos(entries))
 
     def render(self) -> tuple[Any, ...] | None:
         """What each sub-env renders (``render_mode="ansi"``: the last step as text)."""
@@ -219,6 +219,72 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             setattr(env, name, value)
 
     # -- Internals -----------------------------------------------------------------------------
+
+    def _batch_infos(self, entries: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        """The infos of sub-envs batched as Gymnasium does (``_add_info`` for each entry, in
+        order), one key at a time when every entry has the same flat keys."""
+        if not entries:
+            return {}
+        keys = list(entries[0][1])
+        flat = "final_obs" not in keys and not any(
+            isinstance(value, dict) for value in entries[0][1].values())
+        if not flat or any(list(info) != keys for _, info in entries) or any(
+                isinstance(value, dict) for _, info in entries for value in info.values()):
+            infos: dict[str, Any] = {}
+            for env_num, info in entries:
+                infos = self._add_info(infos, info, env_num)
+            return infos
+        n = self.num_envs
+        where = [env_num for env_num, _ in entries]
+        mask = np.zeros(n, dtype=np.bool_)
+        mask[where] = True
+        infos = {}
+        for key in keys:
+            values = [info[key] for _, info in entries]
+            kind = type(values[0])
+            if kind in (int, float, bool) or issubclass(kind, np.number):
+                array = np.zeros(n, dtype=kind)
+                array[where] = values
+            else:
+                array = (np.zeros((n, *values[0].shape), dtype=values[0].dtype)
+                         if isinstance(values[0], np.ndarray)
+                         else np.full(n, fill_value=None, dtype=object))
+                for env_num, value in zip(where, values, strict=True):
+                    array[env_num] = value
+            infos[key] = array
+            infos["_" + key] = mask.copy()
+        return infos
+
+    def _add_info(self, vector_infos: dict[str, Any], env_info: dict[str, Any],
+                  env_num: int) -> dict[str, Any]:
+        """Gymnasium's ``VectorEnv._add_info``, same result, without making a mask array per
+        key per env per step (its ``dict.get`` default is built even when unused)."""
+        n = self.num_envs
+        for key, value in env_info.items():
+            if key == "final_obs":
+                array = vector_infos.get(key)
+                if array is None:
+                    array = np.full(n, fill_value=None, dtype=object)
+                array[env_num] = value
+            elif isinstance(value, dict):
+                array = self._add_info(vector_infos.get(key, {}), value, env_num)
+            else:
+                array = vector_infos.get(key)
+                if array is None:
+                    kind = type(value)
+                    if kind in (int, float, bool) or issubclass(kind, np.number):
+                        array = np.zeros(n, dtype=kind)
+                    elif isinstance(value, np.ndarray):
+                        array = np.zeros((n, *value.shape), dtype=value.dtype)
+                    else:
+                        array = np.full(n, fill_value=None, dtype=object)
+                array[env_num] = value
+            mask = vector_infos.get("_" + key)
+            if mask is None:
+                mask = np.zeros(n, dtype=np.bool_)
+            mask[env_num] = True
+            vector_infos[key], vector_infos["_" + key] = array, mask
+        return vector_infos
 
     def _check_actions(self, actions: Any) -> list[Any]:
         if isinstance(actions, (str, bytes)) or not isinstance(actions, Sequence):

@@ -279,11 +279,7 @@ class LocalBackend:
         worker = self._live_worker()
         episode = self._episode
         assert episode.home is not None
-        try:
-            copy = worker.snapshot(self._parking())
-        except WorkerStartError as e:
-            raise SnapshotError(str(e)) from e
-        snapshot = Snapshot(copy, episode.home.share())
+        snapshot = Snapshot(worker.snapshot(self._parking()), episode.home.share())
         episode.snapshots.add(snapshot)
         return snapshot
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from coding_gym.models import ExecResult, KillReason, Limits
+from coding_gym.sandbox.protocol import encode_run
 
 if TYPE_CHECKING:
     from coding_gym.sandbox.cgroups import Cgroup
@@ -77,8 +78,22 @@ class Capture:
         return self.data.decode("utf-8", errors="replace")
 
 
-def drain(fd: int, capture: Capture) -> None:
-    """Read everything available now from a non-blocking pipe."""
+def drain(fd: int, capture: Capture, pending: Any = -1) -> None:
+    """Read everything available now from a non-blocking pipe, or the ``pending`` bytes the
+    worker said it left there (an int from the worker: trusted for no more than a hint)."""
+    if type(pending) is int and pending >= 0:
+        if pending == 0:
+            return
+        while pending > 0:
+            try:
+                chunk = os.read(fd, min(pending, _CHUNK))
+            except OSError:
+                return
+            if not chunk:
+                return
+            capture.add(chunk)
+            pending -= len(chunk)
+        return
     while True:
         try:
             chunk = os.read(fd, _CHUNK)
@@ -108,8 +123,8 @@ class StepRun:
     the way (into ``parking``), and the caller can wake it in place of the dead worker.
     """
 
-    __slots__ = ("worker", "limits", "out", "err", "started", "deadline", "result", "wake_fd",
-                 "frozen", "parking", "_snapshot_error")
+    __slots__ = ("worker", "limits", "out", "err", "started", "deadline", "quiet_until",
+                 "result", "wake_fd", "frozen", "parking", "snapshot", "_snapshot_error")
 
     def __init__(self, worker: WorkerProcess, code: str, limits: Limits, *,
                  snapshot: bool = False, parking: Cgroup | None = None) -> None:
@@ -121,12 +136,13 @@ class StepRun:
         self.wake_fd = -1
         self.frozen: FrozenCopy | None = None
         self.parking = parking
+        self.snapshot = snapshot
         self._snapshot_error = ""
         self.started = _perf_counter()
-        self.deadline = _monotonic() + limits.timeout_s + HARD_KILL_GRACE_S
-        request: dict[str, Any] = {"cmd": "run", "code": code, "timeout_s": limits.timeout_s}
-        if snapshot:
-            request["snapshot"] = True
+        now = _monotonic()
+        self.deadline = now + limits.timeout_s + HARD_KILL_GRACE_S
+        self.quiet_until = now + QUIET_S
+        request = encode_run(code, limits.timeout_s, snapshot)
         if not worker.send(request, limits.timeout_s + HARD_KILL_GRACE_S):
             self._die()
 
@@ -145,7 +161,7 @@ class StepRun:
         elif fd == worker.exit_fd:
             self._die()
         else:
-            for message, fds in worker.receive():
+            for message, fds in worker.receive(with_fds=self.snapshot):
                 kind = message.get("type")
                 if kind == "snapshot" and len(fds) == 1 and self.wake_fd < 0:
                     self.wake_fd = fds[0]
@@ -155,8 +171,8 @@ class StepRun:
                 if kind == "snapshot":
                     self._snapshot_error = str(message.get("error", "no copy was made"))
                 elif kind == "result":
-                    drain(worker.out_fd, self.out)
-                    drain(worker.err_fd, self.err)
+                    drain(worker.out_fd, self.out, message.get("out"))
+                    drain(worker.err_fd, self.err, message.get("err"))
                     self.result = _result(message, self.out, self.err, self.started)
                     return
                 else:
@@ -164,6 +180,25 @@ class StepRun:
                     return
             if not worker.connected:
                 self._die()
+
+    def wait(self) -> ExecResult:
+        """Drive this step alone to its result (:func:`run_many` does it for many)."""
+        quiet, full = self.worker.pollers()
+        while self.result is None:
+            now = _monotonic()
+            if now >= self.deadline:
+                self.expire()
+                break
+            if now < self.quiet_until:
+                events = quiet.poll((min(self.quiet_until, self.deadline) - now) * 1000)
+            else:
+                events = full.poll((self.deadline - now) * 1000)
+            for fd, _ in events:
+                self.on_event(fd)
+                if self.result is not None:
+                    break
+        assert self.result is not None
+        return self.result
 
     def expire(self) -> None:
         """The deadline passed: kill the worker (its copy survives) and report the timeout."""
@@ -244,47 +279,63 @@ class StepRun:
 
 def run_many(runs: Sequence[StepRun]) -> list[ExecResult]:
     """Drive every step to its result with one poll loop; results in the order of ``runs``."""
-    pending = [run for run in runs if run.result is None]
+    if len(runs) == 1:
+        return [runs[0].wait()]
     poller = select.poll()
     owner: dict[int, StepRun] = {}
+    pending = 0
+    for run in runs:
+        if run.result is None:
+            pending += 1
+            for fd in run.watched_fds(quiet=True):
+                if fd >= 0:
+                    poller.register(fd, _POLLIN)
+                    owner[fd] = run
     quiet_until = _monotonic() + QUIET_S
     quiet = True
-    for run in pending:
-        for fd in run.watched_fds(quiet=True):
-            if fd >= 0:
-                poller.register(fd, _POLLIN)
-                owner[fd] = run
+    deadline = min((run.deadline for run in runs if run.result is None), default=0.0)
     while pending:
         now = _monotonic()
         if quiet and now >= quiet_until:
             quiet = False
-            for run in pending:
-                for fd in (run.worker.out_fd, run.worker.err_fd):
-                    poller.register(fd, _POLLIN)
-                    owner[fd] = run
-        deadline = min(run.deadline for run in pending)
+            for run in runs:
+                if run.result is None:
+                    for fd in (run.worker.out_fd, run.worker.err_fd):
+                        poller.register(fd, _POLLIN)
+                        owner[fd] = run
         if now >= deadline:
-            for run in pending:
-                if run.deadline <= now:
+            for run in runs:
+                if run.result is None and run.deadline <= now:
                     run.expire()
-        else:
-            wake_at = min(deadline, quiet_until) if quiet else deadline
-            for fd, _ in poller.poll((wake_at - now) * 1000):
-                run = owner.get(fd)  # type: ignore[assignment]
-                if run is not None and run.result is None:
-                    run.on_event(fd)
-        finished = [run for run in pending if run.result is not None]
-        if finished:
-            for run in finished:
-                for fd in run.watched_fds(quiet=False):
-                    if owner.pop(fd, None) is not None:
-                        poller.unregister(fd)
-            pending = [run for run in pending if run.result is None]
+                    pending -= 1
+                    _forget(run, poller, owner)
+            deadline = min((run.deadline for run in runs if run.result is None), default=0.0)
+            continue
+        for fd, _ in poller.poll(((min(deadline, quiet_until) if quiet else deadline) - now)
+                                 * 1000):
+            run = owner.get(fd)  # type: ignore[assignment]
+            if run is None or run.result is not None:
+                continue
+            run.on_event(fd)
+            if run.result is not None:
+                pending -= 1
+                _forget(run, poller, owner)
     results = []
     for run in runs:
         assert run.result is not None
         results.append(run.result)
     return results
+
+
+def _forget(run: StepRun, poller: select.poll, owner: dict[int, StepRun]) -> None:
+    """Stop watching the fds of a finished step (a dead worker's pipes would poll forever).
+
+    By the numbers registered, not the worker's current ones: a killed worker's socket is
+    closed, and its number may already belong to a new file.
+    """
+    for fd in [fd for fd, watcher in owner.items() if watcher is run]:
+        del owner[fd]
+        poller.unregister(fd)
 
 
 def _result(reply: dict[str, Any], out: Capture, err: Capture, started: float) -> ExecResult:
@@ -294,17 +345,18 @@ def _result(reply: dict[str, Any], out: Capture, err: Capture, started: float) -
         stdout=out.text(),
         stderr=err.text(),
         exit_code=exit_code if isinstance(exit_code, int) and 0 <= exit_code < 256 else 1,
-        wall_time_s=_seconds(reply.get("wall_time_s"), _perf_counter() - started),
-        cpu_time_s=_seconds(reply.get("cpu_time_s"), 0.0),
+        wall_time_s=_seconds(reply.get("wall_ns"), _perf_counter() - started),
+        cpu_time_s=_seconds(reply.get("cpu_ns"), 0.0),
         stdout_truncated=out.truncated,
         stderr_truncated=err.truncated,
         kill_reason=kill_reason if kill_reason in ("timeout", "memory") else None,
     )
 
 
-def _seconds(value: Any, default: float) -> float:
-    """A duration reported by the worker, which agent code could have forged."""
-    return float(value) if isinstance(value, (int, float)) and value >= 0 else default
+def _seconds(nanoseconds: Any, default: float) -> float:
+    """A duration reported by the worker (integer nanoseconds), which agent code could have
+    forged."""
+    return nanoseconds / 1e9 if type(nanoseconds) is int and nanoseconds >= 0 else default
 
 
 def _signal_name(signum: int) -> str:

@@ -22,7 +22,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from coding_gym.errors import SnapshotError, WorkerStartError
@@ -159,6 +159,7 @@ class WorkerProcess:
         self._sender_pid: int | None = None
         self._oom_base = 0
         self._unparked: list[tuple[FrozenCopy, Cgroup | None]] = []
+        self._pollers: tuple[select.poll, select.poll] | None = None
         self.alive = True
         self.connected = True
         #: Isolation layer -> {"active", "detail"}, as the worker reported it when ready.
@@ -339,10 +340,11 @@ class WorkerProcess:
 
     # -- Talking -------------------------------------------------------------------------------
 
-    def send(self, message: dict[str, Any], timeout_s: float, fds: Sequence[int] = ()) -> bool:
-        """Send one message; False when the worker is gone. Blocks (up to ``timeout_s``) only
-        for messages bigger than the socket buffer."""
-        data = protocol.encode(message)
+    def send(self, message: dict[str, Any] | bytes, timeout_s: float,
+             fds: Sequence[int] = ()) -> bool:
+        """Send one message (or its encoding); False when the worker is gone. Blocks (up to
+        ``timeout_s``) only for messages bigger than the socket buffer."""
+        data = message if isinstance(message, bytes) else protocol.encode(message)
         try:
             if fds:
                 sent = self.sock.sendmsg(
@@ -362,17 +364,40 @@ class WorkerProcess:
             return False
         return True
 
-    def receive(self) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    def pollers(self) -> tuple[select.poll, select.poll]:
+        """Poll objects for a step: (the reply and death only, those and the output pipes).
+
+        Registered once per worker: its fds do not change.
+        """
+        if self._pollers is None:
+            quiet, full = select.poll(), select.poll()
+            for fd in (self.sock.fileno(), self._exit.fd):
+                if fd >= 0:
+                    quiet.register(fd, select.POLLIN)
+                    full.register(fd, select.POLLIN)
+            for fd in (self.out_fd, self.err_fd):
+                full.register(fd, select.POLLIN)
+            self._pollers = (quiet, full)
+        return self._pollers
+
+    def receive(self, with_fds: bool = True) -> list[tuple[dict[str, Any], list[int]]]:
         """The whole messages available now, each with the fds that came with it. Sets
-        ``connected`` to False when the worker is gone or spoke garbage."""
+        ``connected`` to False when the worker is gone or spoke garbage.
+
+        Without ``with_fds`` (a plain step) fds are not read: the kernel closes any sent.
+        """
+        received: list[tuple[dict[str, Any], list[int]]] = []
         while self.connected:
             try:
-                data, ancillary, _, _ = self.sock.recvmsg(_CHUNK, _ANCILLARY)
+                if with_fds:
+                    data, ancillary, _, _ = self.sock.recvmsg(_CHUNK, _ANCILLARY)
+                else:
+                    data, ancillary = self.sock.recv(_CHUNK), []
             except BlockingIOError:
-                return
+                break
             except OSError:
                 self.connected = False
-                return
+                break
             for level, kind, payload in ancillary:
                 if level != socket.SOL_SOCKET:
                     continue
@@ -384,18 +409,19 @@ class WorkerProcess:
                     self._sender_pid = _UCRED.unpack(payload[:_UCRED.size])[0]
             if not data:
                 self.connected = False
-                return
+                break
             try:
                 messages = self._frames.feed(data)
             except protocol.ProtocolError as e:
                 logger.warning("worker %d sent an invalid message: %s", self.pid, e)
                 self.connected = False
-                return
+                break
             for message in messages:
                 fds_of_message, self._fds = self._fds, []
-                yield message, fds_of_message
+                received.append((message, fds_of_message))
             if len(data) < _CHUNK:
-                return
+                break
+        return received
 
     def _await_reply(self, timeout_s: float) -> tuple[dict[str, Any], list[int]]:
         """The next message and its fds, outside of a step (commands other than run)."""
@@ -421,7 +447,7 @@ class WorkerProcess:
 
     def run(self, code: str, limits: Limits) -> ExecResult:
         """Run ``code`` to completion, timeout or death; the worker may be dead afterwards."""
-        return run_many([self.begin(code, limits)])[0]
+        return self.begin(code, limits).wait()
 
     def snapshot(self, parking: Cgroup | None) -> FrozenCopy:
         """Leave a frozen copy of the interpreter as it is now.

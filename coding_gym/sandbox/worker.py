@@ -22,6 +22,7 @@ from __future__ import annotations
 import _signal
 import array
 import builtins
+import collections
 import fcntl
 import io
 import json
@@ -31,6 +32,7 @@ import resource
 import signal
 import socket
 import sys
+import termios
 import time
 import traceback
 import types
@@ -40,6 +42,8 @@ from typing import Any
 from coding_gym.sandbox import isolation, protocol
 
 _SAFE_FD_BASE = 100
+#: Code objects of recent programs, kept so that a program sent again is not compiled again.
+_COMPILED_CACHE = 64
 _RECV_BYTES = 1 << 16
 _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 _PR_SET_CHILD_SUBREAPER = 36
@@ -57,10 +61,14 @@ _SIGPROF = int(signal.SIGPROF)
 _SIGCHLD = int(signal.SIGCHLD)
 _SIG_DFL = int(signal.SIG_DFL)
 _dup2 = os.dup2
+_ioctl = fcntl.ioctl
+_FIONREAD = termios.FIONREAD
 _fork = os.fork
 _exit = os._exit
 _loads = json.loads
 _encode = protocol.encode
+_decode_run = protocol.decode_run
+_encode_result = protocol.encode_result
 _CodeType = types.CodeType
 _format_exception_only = traceback.format_exception_only
 
@@ -104,7 +112,8 @@ class _Channel:
             if len(buffer) >= protocol.HEADER.size:
                 end = protocol.HEADER.size + protocol.HEADER.unpack_from(buffer)[0]
                 if len(buffer) >= end:
-                    message = _loads(bytes(buffer[protocol.HEADER.size:end]))
+                    body = bytes(buffer[protocol.HEADER.size:end])
+                    message = _decode_run(body) if body[:1] == b"R" else _loads(body)
                     del buffer[:end]
                     fds, self._fds = self._fds, []
                     return (message if isinstance(message, dict) else {}), fds
@@ -119,7 +128,12 @@ class _Channel:
             buffer += data
 
     def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-        data = _encode(message)
+        if message["type"] == "result":
+            data = _encode_result(message["exit_code"], message["kill_reason"],
+                                  message["wall_ns"], message["cpu_ns"], message["out"],
+                                  message["err"])
+        else:
+            data = _encode(message)
         if fds:
             sent = self.sock.sendmsg(
                 [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
@@ -154,6 +168,7 @@ class Worker:
         # workers it forks would stay its children instead of going to the zygote.
         self._subreaper = True
         self._builtins = dict(builtins.__dict__)
+        self._compiled: collections.OrderedDict[str, types.CodeType] = collections.OrderedDict()
         self._fflush: Any = None
         # Private close-on-exec copies of the output pipes: agent code may close or redirect
         # fds 1 and 2, and they are put back before every step.
@@ -219,7 +234,7 @@ class Worker:
         except StepTimeout:
             # The timer fired in the instant between the code's end and its disarming.
             return {"type": "result", "exit_code": 1, "kill_reason": "timeout",
-                    "wall_time_s": self.timeout_s, "cpu_time_s": 0.0}
+                    "wall_ns": int(self.timeout_s * 1e9), "cpu_ns": 0, "out": -1, "err": -1}
 
     def _on_timer(self, signum: int, frame: object) -> None:
         if self._in_step:
@@ -238,10 +253,15 @@ class Worker:
     def run(self, code: str, timeout_s: float) -> dict[str, Any]:
         self._restore_streams()
         self.cell += 1
-        filename = f"<cell-{self.cell}>"
-        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        compiled = self._compiled.get(code)
+        if compiled is None:
+            filename = f"<cell-{self.cell}>"
+            linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        else:
+            # The same program again (agents with a fixed set of snippets do that every
+            # step): its code object still points at the cell that first ran it.
+            filename = compiled.co_filename
         exit_code, kill_reason = 0, None
-        compiled = None
         self.timeout_s = timeout_s
         cpu_start, wall_start = _cpu_seconds(), _perf_counter()
         try:
@@ -250,7 +270,9 @@ class Worker:
             _setitimer(_ITIMER_REAL, timeout_s)
             _setitimer(_ITIMER_PROF, timeout_s)
             try:
-                compiled = compile(code, filename, "exec", dont_inherit=True)
+                if compiled is None:
+                    compiled = compile(code, filename, "exec", dont_inherit=True)
+                    self._remember(code, compiled)
                 exec(compiled, self.namespace)
             finally:
                 # First thing: from here on a late timer signal is ignored.
@@ -269,17 +291,33 @@ class Worker:
             self._write_stderr(self._format_traceback(e))
         wall = _perf_counter() - wall_start
         self._finish_step()
-        if compiled is None or not any(type(c) is _CodeType for c in compiled.co_consts):
-            # Only functions and classes defined here can show this cell in a later
-            # traceback; without them the lines would only grow memory, step after step.
-            linecache.cache.pop(filename, None)
+        if compiled is None:
+            linecache.cache.pop(filename, None)  # a syntax error: nothing refers to it
         return {
             "type": "result",
             "exit_code": exit_code,
             "kill_reason": kill_reason,
-            "wall_time_s": wall,
-            "cpu_time_s": max(0.0, _cpu_seconds() - cpu_start),
+            "wall_ns": int(wall * 1e9),
+            "cpu_ns": max(0, int((_cpu_seconds() - cpu_start) * 1e9)),
+            # What the step left in the output pipes: the parent reads that much, and spares
+            # the reads that would find an empty pipe.
+            "out": _pending(self._fd_out),
+            "err": _pending(self._fd_err),
         }
+
+    def _remember(self, code: str, compiled: types.CodeType) -> None:
+        """Keep the code object of a program for its next run, within a small cache.
+
+        A cell's lines stay in linecache while something may still show them in a
+        traceback: its cached code object, or functions and classes it defined. The others
+        leave, or the lines of every step would grow memory, step after step.
+        """
+        cache = self._compiled
+        cache[code] = compiled
+        if len(cache) > _COMPILED_CACHE:
+            old_code, old = cache.popitem(last=False)
+            if not any(type(c) is _CodeType for c in old.co_consts):
+                linecache.cache.pop(old.co_filename, None)
 
     def _finish_step(self) -> None:
         """Undo what the step may have broken, and push its output into the pipes."""
@@ -474,6 +512,16 @@ class Worker:
 
 
 _libc_prctl: Any = None
+_pending_count = array.array("i", [0])
+
+
+def _pending(fd: int) -> int:
+    """Bytes waiting to be read in the pipe behind ``fd``; -1 if that cannot be known."""
+    try:
+        _ioctl(fd, _FIONREAD, _pending_count, True)
+    except OSError:
+        return -1
+    return _pending_count[0]
 
 
 def _restore_handler(signum: int, handler: Any) -> None:
@@ -489,6 +537,15 @@ def _set_subreaper(on: bool) -> None:
 
             _libc_prctl = ctypes.CDLL(None, use_errno=True).prctl
         _libc_prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _batch_scheduling() -> None:
+    """Run as a batch process: woken by a request, the worker waits for the parent to block
+    instead of preempting it in the middle of sending requests to its other workers."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (OSError, AttributeError):
         pass
 
@@ -513,6 +570,7 @@ def start(sock: socket.socket, config: Mapping[str, Any]) -> None:
     ``config`` comes from :func:`coding_gym.sandbox.isolation.worker_config`.
     """
     worker = Worker(sock)
+    _batch_scheduling()
     # Also after a fork from a warm zygote: the first step would take the copy-on-write faults.
     warm_up()
     try:

@@ -1,0 +1,63 @@
+"""Steps on several workers at once, and what the worker keeps from step to step."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from coding_gym.backends.local import LocalBackend
+from coding_gym.models import Limits
+from coding_gym.sandbox.steps import run_many
+
+
+@pytest.fixture
+def backends():
+    started = [LocalBackend(Limits(timeout_s=1.0)) for _ in range(3)]
+    for backend in started:
+        backend.reset()
+    yield started
+    for backend in started:
+        backend.close()
+
+
+def test_run_many_drives_every_step_to_its_own_end(backends):
+    codes = [
+        "import time\ntime.sleep(0.3)\nprint('slow')",
+        "sum(range(10**12))",  # ignores the interrupt: killed at its deadline
+        "import sys\nprint('x' * 3_000_000)\nprint('fast', file=sys.stderr)",
+    ]
+    start = time.monotonic()
+    results = run_many([b.begin(code) for b, code in zip(backends, codes, strict=True)])
+    assert time.monotonic() - start < 1.0 + 1.0
+    slow, killed, loud = results
+    assert slow.stdout == "slow\n" and slow.exit_code == 0
+    assert killed.kill_reason == "timeout" and killed.state_lost
+    assert loud.stdout_truncated and loud.stderr == "fast\n"
+    assert backends[1].run("print('fresh')").stdout == "fresh\n"
+
+
+def test_the_same_program_twice_gives_the_same_result_and_traceback(backends):
+    backend = backends[0]
+    code = "def f(n):\n    return 10 // n\nprint(f(5))\nf(0)"
+    first, second = backend.run(code), backend.run(code)
+    assert first.stdout == second.stdout == "2\n"
+    assert "return 10 // n" in first.stderr and first.stderr == second.stderr
+
+
+def test_steps_without_definitions_do_not_grow_the_line_cache(backends):
+    backend = backends[0]
+    backend.run("def keep():\n    return 1")
+    for i in range(300):
+        backend.run(f"x = {i}")
+    count = backend.run("import linecache\nprint(sum(1 for k in linecache.cache "
+                        "if k.startswith('<cell-')))").stdout
+    assert int(count) < 100
+    assert "return 1" in backend.run("import inspect\nprint(inspect.getsource(keep))").stdout
+
+
+def test_output_left_by_a_background_process_arrives_later(backends):
+    backend = backends[0]
+    backend.run("import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 0.2; echo late'])")
+    time.sleep(0.5)
+    assert backend.run("pass").stdout == "late\n"
