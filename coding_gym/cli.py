@@ -3,6 +3,7 @@
     coding-gym serve [--host 127.0.0.1] [--port 8000] [--token T | --insecure] ...
     coding-gym run FILE.py
     coding-gym doctor [--json]
+    coding-gym bench [--quick] [--only NAME ...] [--skip NAME ...]
 
 Each command is a ``_cmd_<name>`` function registered in :func:`build_parser`.
 """
@@ -70,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.set_defaults(handler=_cmd_doctor)
+
+    bench = commands.add_parser(
+        "bench", help="run the benchmark suite (needs a source checkout and the bench extra)",
+        description="Run every benchmark of benchmarks/ (python -m benchmarks): progress bars, "
+                    "JSON and PNG plots in benchmarks/results/, and a summary of ratios "
+                    "against the targets.",
+    )
+    bench.add_argument("--quick", action="store_true", help="fewer samples: a minute or two")
+    bench.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
+    bench.add_argument("--skip", nargs="+", metavar="NAME", help="leave these benchmarks out")
+    bench.set_defaults(handler=_cmd_bench)
     return parser
 
 
@@ -85,6 +97,24 @@ def _cmd_doctor(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     from coding_gym import doctor
 
     return doctor.run(as_json=args.json, out=sys.stdout)
+
+
+def _cmd_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from pathlib import Path
+
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "benchmarks" / "__main__.py").is_file():
+        _say(sys.stderr, "coding-gym bench: the benchmarks live in the source repository; "
+             "run it from a checkout installed with pip install -e '.[bench]'")
+        return 2
+    sys.path.insert(0, str(checkout))
+    from benchmarks.__main__ import main as run_benchmarks
+
+    options = ["--quick"] if args.quick else []
+    for flag, names in (("--only", args.only), ("--skip", args.skip)):
+        if names:
+            options += [flag, *names]
+    return run_benchmarks(options)
 
 
 def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:

@@ -21,7 +21,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q "torch==2.13.0" 2>&1 | { grep -v "^WARNING: Location" || true; }
 fi
 log "installing coding-gym with its extras"
-.venv/bin/pip install -q -e ".[server,docker,sb3,dev,interop,browser]" 2>&1 \
+.venv/bin/pip install -q -e ".[server,docker,sb3,dev,interop,browser,bench]" 2>&1 \
     | { grep -v "^WARNING: Location" || true; }
 
 log "ruff"

@@ -1,0 +1,159 @@
+"""Steps per second of N envs stepped together, for N = 1, 2, 4, 8, 16, ``print(1)`` each.
+
+- ``native``: :class:`coding_gym.vector.CodingVectorEnv` (``gymnasium.make_vec``): one poll loop
+  over the N workers;
+- ``async``: ``gymnasium.vector.AsyncVectorEnv(shared_memory=False)`` over the same envs: a
+  process per env between this process and its worker;
+- ``sync``: ``gymnasium.vector.SyncVectorEnv``: the envs one after the other;
+- ``raw ceiling``: N minimal workers (exec with in-memory capture, nothing else) driven by one
+  poll loop: what the machine allows for N processes answering N messages.
+
+    python benchmarks/vector_throughput.py [--seconds 3] [--max-envs 16]
+
+Writes benchmarks/results/vector_throughput.json and vector_throughput.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import select
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import RawWorker, figure, machine, print_rows, progress, save, write_json
+
+CODE = "print(1)"
+DESIGNS = ("native", "async", "sync", "raw ceiling")
+
+
+def _steps_per_second(step: Callable[[], object], num_envs: int, seconds: float) -> float:
+    deadline = time.perf_counter() + seconds / 5
+    while time.perf_counter() < deadline:  # warm-up
+        step()
+    steps = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        step()
+        steps += 1
+        now = time.perf_counter()
+        if now >= deadline:
+            return steps * num_envs / (now - start)
+
+
+def _gymnasium(design: str, num_envs: int, seconds: float) -> float:
+    import gymnasium as gym
+
+    from coding_gym.env import CodingEnv
+    from coding_gym.vector import CodingVectorEnv
+
+    envs: Any
+    if design == "native":
+        envs = CodingVectorEnv(num_envs)
+    elif design == "async":
+        envs = gym.vector.AsyncVectorEnv([CodingEnv] * num_envs, shared_memory=False)
+    else:
+        envs = gym.vector.SyncVectorEnv([CodingEnv] * num_envs)
+    actions = (CODE,) * num_envs
+    try:
+        envs.reset(seed=0)
+        return _steps_per_second(lambda: envs.step(actions), num_envs, seconds)
+    finally:
+        envs.close()
+
+
+def _raw_ceiling(num_envs: int, seconds: float) -> float:
+    workers = [RawWorker() for _ in range(num_envs)]
+    by_fd = {worker.sock.fileno(): worker for worker in workers}
+    poller = select.poll()
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+
+    def step() -> None:
+        for worker in workers:
+            worker.send(CODE)
+        waiting = len(workers)
+        while waiting:
+            for fd, _ in poller.poll():
+                worker = by_fd[fd]
+                if worker.feed(worker.sock.recv(65536)) is not None:
+                    waiting -= 1
+
+    try:
+        return _steps_per_second(step, num_envs, seconds)
+    finally:
+        for worker in workers:
+            worker.close()
+
+
+def run(seconds: float = 3.0, max_envs: int = 16) -> dict[str, Any]:
+    sizes = [n for n in (1, 2, 4, 8, 16) if n <= max_envs]
+    table: dict[str, dict[int, float]] = {design: {} for design in DESIGNS}
+    cases = [(n, design) for n in sizes for design in DESIGNS]
+    for n, design in progress(cases, "vector throughput"):
+        if design == "raw ceiling":
+            table[design][n] = _raw_ceiling(n, seconds)
+        else:
+            table[design][n] = _gymnasium(design, n, seconds)
+    reference = 8 if 8 in sizes else sizes[-1]
+    native = table["native"][reference]
+    ratios = {
+        "envs": reference,
+        "native_vs_raw_ceiling": native / table["raw ceiling"][reference],
+        "native_vs_async": native / table["async"][reference],
+        "native_vs_sync": native / table["sync"][reference],
+    }
+    fig, axes = figure()
+    for design in DESIGNS:
+        axes.plot(sizes, [table[design][n] for n in sizes], marker="o", label=design)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(sizes, [str(n) for n in sizes])
+    axes.set_xlabel("number of envs")
+    axes.set_ylabel("steps per second (all envs)")
+    axes.set_title(f'Throughput of print(1) on {machine()["cpus"]} CPUs')
+    axes.legend()
+    plot = save(fig, "vector_throughput")
+    return {
+        "benchmark": "vector_throughput",
+        "code": CODE,
+        "machine": machine(),
+        "seconds_per_case": seconds,
+        "steps_per_second": {design: {str(n): v for n, v in rows.items()}
+                             for design, rows in table.items()},
+        "ratios": ratios,
+        "plot": plot.name,
+        "targets": {
+            f"native_{reference}_envs_at_least_80pct_of_raw":
+                ratios["native_vs_raw_ceiling"] >= 0.8,
+            f"native_{reference}_envs_at_least_3x_async": ratios["native_vs_async"] >= 3.0,
+        },
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    rows = report["steps_per_second"]
+    sizes = list(rows["native"])
+    print_rows(["envs", *DESIGNS], [(n, *(rows[d][n] for d in DESIGNS)) for n in sizes])
+    r = report["ratios"]
+    print(f"{r['envs']} envs: native = {r['native_vs_raw_ceiling']:.0%} of the raw ceiling, "
+          f"{r['native_vs_async']:.1f}x async, {r['native_vs_sync']:.1f}x sync")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description="vector env throughput")
+    parser.add_argument("--seconds", type=float, default=3.0, help="duration of each case")
+    parser.add_argument("--max-envs", type=int, default=16)
+    args = parser.parse_args(argv)
+    report = run(args.seconds, args.max_envs)
+    print_table(report)
+    print(f"\nwrote {write_json('vector_throughput', report)}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
