@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Collection
 
 
 def _parent_pids() -> dict[int, int]:
@@ -45,21 +46,23 @@ def _children(pid: int) -> list[int] | None:
     return found
 
 
-def descendants(root: int) -> list[int]:
-    """Pids below ``root`` in the process tree (not ``root`` itself), parents first."""
+def descendants(root: int, spare: Collection[int] = ()) -> list[int]:
+    """Pids below ``root`` in the process tree (not ``root`` itself), parents first, leaving
+    out the pids in ``spare`` and everything below them."""
     # Walking down from the root costs O(its subtree); scanning /proc costs O(every process).
     found: list[int] = []
     frontier = [root]
     while frontier:
         children_of = _children(frontier.pop())
         if children_of is None:
-            return _descendants_by_scan(root)
+            return _descendants_by_scan(root, spare)
+        children_of = [child for child in children_of if child not in spare]
         found.extend(children_of)
         frontier.extend(children_of)
     return found
 
 
-def _descendants_by_scan(root: int) -> list[int]:
+def _descendants_by_scan(root: int, spare: Collection[int]) -> list[int]:
     children: dict[int, list[int]] = {}
     for pid, ppid in _parent_pids().items():
         children.setdefault(ppid, []).append(pid)
@@ -68,13 +71,16 @@ def _descendants_by_scan(root: int) -> list[int]:
     while frontier:
         pid = frontier.pop()
         for child in children.get(pid, ()):
-            found.append(child)
-            frontier.append(child)
+            if child not in spare:
+                found.append(child)
+                frontier.append(child)
     return found
 
 
-def kill_tree(root: int, pgid: int | None = None, rounds: int = 20) -> None:
-    """SIGKILL every descendant of ``root``, then ``root`` and its process group.
+def kill_tree(root: int, pgid: int | None = None, rounds: int = 20,
+              spare: Collection[int] = ()) -> None:
+    """SIGKILL every descendant of ``root`` but those in ``spare`` (with what is below them),
+    then ``root`` and its process group.
 
     The root is stopped first and killed last: it is a child subreaper, so while it lives the
     orphans of killed descendants re-parent to it and stay visible. A fork bomb may add
@@ -82,7 +88,8 @@ def kill_tree(root: int, pgid: int | None = None, rounds: int = 20) -> None:
     """
     _signal(root, signal.SIGSTOP)
     for _ in range(rounds):
-        pids = descendants(root)
+        # Killed children stay zombies under the stopped root: they are done with.
+        pids = [pid for pid in descendants(root, spare) if not _is_zombie(pid)]
         if not pids:
             break
         for pid in pids:
@@ -93,6 +100,15 @@ def kill_tree(root: int, pgid: int | None = None, rounds: int = 20) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return True  # gone
+    return stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3] in (b"Z", b"X")
 
 
 def _signal(pid: int, signum: int) -> None:

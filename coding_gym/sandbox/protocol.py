@@ -11,9 +11,11 @@ dicts as their JSON form.
 
 from __future__ import annotations
 
+import array
 import json
 import socket
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 HEADER = struct.Struct("<I")
@@ -138,3 +140,59 @@ class FrameReader:
         if not isinstance(message, dict):
             raise ProtocolError(f"expected a JSON object, got {type(message).__name__}")
         return message
+
+
+class Channel:
+    """The worker's end of a socket: blocking, whole messages in and out, fds alongside.
+
+    A worker reads requests with it (the run request in its binary form, the others in JSON)
+    and answers (a result in binary form, the rest in JSON).
+    """
+
+    _RECV_BYTES = 1 << 16
+    _FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+        self._fds: list[int] = []
+
+    def recv(self) -> tuple[dict[str, Any] | None, list[int]]:
+        """The next message and the fds that came with it; (None, []) when the peer is gone."""
+        buffer = self._buffer
+        while True:
+            if len(buffer) >= HEADER.size:
+                end = HEADER.size + HEADER.unpack_from(buffer)[0]
+                if len(buffer) >= end:
+                    body = bytes(buffer[HEADER.size:end])
+                    message = decode_run(body) if body[:1] == b"R" else json.loads(body)
+                    del buffer[:end]
+                    fds, self._fds = self._fds, []
+                    return (message if isinstance(message, dict) else {}), fds
+            data, ancillary, _, _ = self.sock.recvmsg(self._RECV_BYTES, self._FD_SPACE)
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    received = array.array("i")
+                    received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
+                    self._fds.extend(received)
+            if not data:
+                return None, []
+            buffer += data
+
+    def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        if message["type"] == "result":
+            data = encode_result(message["exit_code"], message["kill_reason"],
+                                 message["wall_ns"], message["cpu_ns"], message["out"],
+                                 message["err"])
+        else:
+            data = encode(message)
+        if fds:
+            sent = self.sock.sendmsg(
+                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            )
+            data = data[sent:]
+        if data:
+            self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()

@@ -159,6 +159,7 @@ class WorkerProcess:
         self._sender_pid: int | None = None
         self._oom_base = 0
         self._unparked: list[tuple[FrozenCopy, Cgroup | None]] = []
+        self._copy_pids: set[int] = set()
         self._pollers: tuple[select.poll, select.poll] | None = None
         self.alive = True
         self.connected = True
@@ -489,7 +490,10 @@ class WorkerProcess:
 
     def _signal_tree(self) -> None:
         for copy, parking in self._unparked:
-            copy.park(parking)  # out of the cgroup about to be killed
+            # Out of the cgroup about to be killed; and a copy still in the making is below
+            # this worker in the tree, so its pid must be known to be spared.
+            if copy.park(parking) and copy.pid is not None:
+                self._copy_pids.add(copy.pid)
         self._unparked.clear()
         if self.pid <= 0:
             return
@@ -506,7 +510,7 @@ class WorkerProcess:
             except OSError:
                 pass
         else:
-            processes.kill_tree(self.pid, pgid=self.pid)
+            processes.kill_tree(self.pid, pgid=self.pid, spare=self._copy_pids)
 
     def kill(self) -> None:
         """Kill the worker and everything it started; safe to call twice."""

@@ -7,10 +7,7 @@ fd 0 is /dev/null; requests and replies travel over a socket (see ``protocol.py`
 carries file descriptors for the commands that hand the interpreter to a new process.
 Variables live in one namespace for the whole episode.
 
-Copies (snapshots, forks) are made here, by forking this process: a *frozen copy* is a fork
-that waits on a socket of its own, and each time the parent wakes it, it forks again into a
-new live worker with the parent's fresh pipes. Copies leave this worker's process tree (the
-parent kills that tree as a whole) through a double fork.
+Snapshots and forks of the interpreter are copies of this process (see ``copies.py``).
 
 Only the standard library is imported here, and the names the worker relies on are bound at
 import time, so code that monkeypatches ``os``, ``json`` or ``builtins`` cannot break the loop.
@@ -36,17 +33,16 @@ import termios
 import time
 import traceback
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from coding_gym.sandbox import isolation, protocol
+from coding_gym.sandbox import isolation
+from coding_gym.sandbox.copies import Copies
+from coding_gym.sandbox.protocol import Channel
 
 _SAFE_FD_BASE = 100
 #: Code objects of recent programs, kept so that a program sent again is not compiled again.
 _COMPILED_CACHE = 64
-_RECV_BYTES = 1 << 16
-_FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)
-_PR_SET_CHILD_SUBREAPER = 36
 _perf_counter = time.perf_counter
 _process_time = time.process_time
 _getrusage = resource.getrusage
@@ -58,17 +54,9 @@ _ITIMER_REAL = signal.ITIMER_REAL
 _ITIMER_PROF = signal.ITIMER_PROF
 _SIGALRM = int(signal.SIGALRM)
 _SIGPROF = int(signal.SIGPROF)
-_SIGCHLD = int(signal.SIGCHLD)
-_SIG_DFL = int(signal.SIG_DFL)
 _dup2 = os.dup2
 _ioctl = fcntl.ioctl
 _FIONREAD = termios.FIONREAD
-_fork = os.fork
-_exit = os._exit
-_loads = json.loads
-_encode = protocol.encode
-_decode_run = protocol.decode_run
-_encode_result = protocol.encode_result
 _CodeType = types.CodeType
 _format_exception_only = traceback.format_exception_only
 
@@ -97,61 +85,12 @@ def _exit_status(code: object) -> tuple[int, str]:
     return 1, f"{code}\n"
 
 
-class _Channel:
-    """The worker's end of a socket: length-prefixed JSON messages, with fds alongside."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self._buffer = bytearray()
-        self._fds: list[int] = []
-
-    def recv(self) -> tuple[dict[str, Any] | None, list[int]]:
-        """The next message and the fds that came with it; (None, []) when the peer is gone."""
-        buffer = self._buffer
-        while True:
-            if len(buffer) >= protocol.HEADER.size:
-                end = protocol.HEADER.size + protocol.HEADER.unpack_from(buffer)[0]
-                if len(buffer) >= end:
-                    body = bytes(buffer[protocol.HEADER.size:end])
-                    message = _decode_run(body) if body[:1] == b"R" else _loads(body)
-                    del buffer[:end]
-                    fds, self._fds = self._fds, []
-                    return (message if isinstance(message, dict) else {}), fds
-            data, ancillary, _, _ = self.sock.recvmsg(_RECV_BYTES, _FD_SPACE)
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    received = array.array("i")
-                    received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
-                    self._fds.extend(received)
-            if not data:
-                return None, []
-            buffer += data
-
-    def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-        if message["type"] == "result":
-            data = _encode_result(message["exit_code"], message["kill_reason"],
-                                  message["wall_ns"], message["cpu_ns"], message["out"],
-                                  message["err"])
-        else:
-            data = _encode(message)
-        if fds:
-            sent = self.sock.sendmsg(
-                [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-            )
-            data = data[sent:]
-        if data:
-            self.sock.sendall(data)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class Worker:
+class Worker(Copies):
     """The command loop and the namespace of one episode."""
 
     def __init__(self, sock: socket.socket, isolation_report: Mapping[str, Any] | None = None
                  ) -> None:
-        self.channel = _Channel(sock)
+        self.channel = Channel(sock)
         self.isolation_report = dict(isolation_report or {})
         # The episode's namespace is a real __main__ module, so pickle and multiprocessing
         # find the classes and functions the agent defines.
@@ -164,9 +103,6 @@ class Worker:
         self.timeout_s = 0.0
         self._in_step = False
         self._on_timer_handler = self._on_timer  # one bound method, installed every step
-        # Set by isolation.apply in a live worker; a frozen copy must not be one, or the
-        # workers it forks would stay its children instead of going to the zygote.
-        self._subreaper = True
         self._builtins = dict(builtins.__dict__)
         self._compiled: collections.OrderedDict[str, types.CodeType] = collections.OrderedDict()
         self._fflush: Any = None
@@ -186,34 +122,35 @@ class Worker:
             request, fds = self.channel.recv()
             if request is None:
                 return
+            self.settle()
             command = request.get("cmd")
             reply_fds: list[int] = []
             if command == "run":
                 if request.get("snapshot"):
                     # Transactional step: a frozen copy of the state before the step, woken by
                     # the parent if the step has to be rolled back.
-                    wake = self._snapshot_or_report()
+                    wake = self.snapshot(reusable=False)
                     if wake is None:
                         continue  # in the copy, woken in place of this step's worker
-                    self.channel.send({"type": "snapshot"} if wake >= 0 else
-                                      {"type": "snapshot", "error": self._copy_error},
-                                      [wake] if wake >= 0 else ())
                     if wake >= 0:
+                        self.channel.send({"type": "snapshot"}, [wake])
                         os.close(wake)
+                    else:
+                        self.channel.send({"type": "snapshot", "error": self.copy_error})
                 reply = self._run_request(request)
             elif command == "snapshot":
-                wake = self._snapshot_or_report()
+                wake = self.snapshot(reusable=True)
                 if wake is None:
                     continue
                 if wake >= 0:
                     reply, reply_fds = {"type": "snapshot"}, [wake]
                 else:
-                    reply = {"type": "error", "message": self._copy_error}
+                    reply = {"type": "error", "message": self.copy_error}
             elif command == "fork":
-                if len(fds) == 3 and self._fork_into(fds):
+                if len(fds) == 3 and self.fork_into(fds):
                     continue  # in the copy, now the worker of another env
-                reply = ({"type": "forked"} if len(fds) == 3 and not self._copy_error else
-                         {"type": "error", "message": self._copy_error or "expected 3 fds"})
+                reply = ({"type": "forked"} if len(fds) == 3 and not self.copy_error else
+                         {"type": "error", "message": self.copy_error or "expected 3 fds"})
             elif command == "ping":
                 reply = {"type": "pong"}
             else:
@@ -377,141 +314,7 @@ class Worker:
         except BaseException:  # noqa: BLE001 - a hostile __str__ or patched traceback module
             return f"{type(error).__name__}: <exception could not be formatted>\n"
 
-    # Copies: snapshots, forks and the frozen copies that wake up as new workers.
 
-    _copy_error = ""
-
-    def _snapshot_or_report(self) -> int | None:
-        """Leave a frozen copy behind: the parent's end of its wake-up socket, -1 on failure
-        (``_copy_error`` says why), or None in a new worker woken from the copy."""
-        self._copy_error = ""
-        self._flush()  # nothing buffered may be written twice
-        mine, theirs = socket.socketpair()
-        # The parent learns the copy's pid from the kernel, not from what the copy says.
-        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        try:
-            in_copy = self._detached_fork()
-        except OSError as e:
-            mine.close()
-            theirs.close()
-            self._copy_error = f"could not fork the interpreter: {e}"
-            return -1
-        if not in_copy:
-            mine.close()
-            return theirs.detach()
-        theirs.close()
-        self._freeze(_Channel(mine))
-        return None
-
-    def _fork_into(self, fds: list[int]) -> bool:
-        """Fork a live copy that serves another env over ``fds``; True in the copy."""
-        self._copy_error = ""
-        self._flush()
-        try:
-            in_copy = self._detached_fork()
-        except OSError as e:
-            self._copy_error = f"could not fork the interpreter: {e}"
-            return False
-        if in_copy:
-            self.channel.close()
-            self._take_channels(fds)
-        return in_copy
-
-    def _freeze(self, wake: _Channel) -> None:
-        """Wait, holding the interpreter as it was; fork a new worker each time the parent
-        asks. Returns only in such a new worker; exits when the parent lets go."""
-        self.channel.close()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):
-            _dup2(devnull, fd)
-        for fd in (devnull, self._fd_out, self._fd_err):
-            os.close(fd)
-        try:
-            wake.send({"type": "frozen", "pid": os.getpid()})
-            while True:
-                request, fds = wake.recv()
-                if request is None:
-                    _exit(0)
-                if request.get("cmd") == "wake" and len(fds) == 3:
-                    try:
-                        if self._detached_fork():
-                            wake.close()
-                            self._take_channels(fds)
-                            return
-                    except OSError:
-                        pass  # the parent sees the control socket close without a worker
-                for fd in fds:
-                    os.close(fd)
-        except BaseException:  # noqa: BLE001 - a frozen copy never returns by accident
-            _exit(1)
-
-    def _take_channels(self, fds: list[int]) -> None:
-        """Become a worker talking over ``fds`` = [control socket, stdout, stderr]."""
-        control, out, err = fds
-        _dup2(out, 1)
-        _dup2(err, 2)
-        os.close(out)
-        os.close(err)
-        self._fd_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
-        self._fd_err = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
-        self.channel = _Channel(socket.socket(fileno=control))
-        # The one start-up setting a fork does not inherit; the rest of the isolation
-        # (namespaces, uid, limits, seccomp) carries over from the process we copy.
-        self._subreaper = isolation.become_subreaper()
-        self._send_ready()
-
-    def _detached_fork(self) -> bool:
-        """Fork a copy of this interpreter that is not our child: True in the copy.
-
-        The parent kills a worker's process tree as a whole, and a copy must survive that.
-        With the subreaper flag off for a moment, the double fork hands the copy to our own
-        subreaper ancestor (the zygote, which reports its exit status) or to init. The copy
-        keeps the state of ``random``, which a plain fork would reseed: a snapshot restores
-        the interpreter exactly.
-        """
-        try:
-            random_state = sys.modules["random"].getstate() if "random" in sys.modules else None
-        except Exception:  # noqa: BLE001 - the agent's own business if it broke random
-            random_state = None
-        # waitpid below needs the default disposition: with SIGCHLD ignored (agent code may
-        # have done so) it would wait for every child instead.
-        sigchld = _set_handler(_SIGCHLD, _SIG_DFL)
-        subreaper = self._subreaper
-        if subreaper:
-            _set_subreaper(False)
-        try:
-            pid = _fork()
-        except OSError:
-            if subreaper:
-                _set_subreaper(True)
-            _restore_handler(_SIGCHLD, sigchld)
-            raise
-        if pid == 0:
-            try:
-                if _fork():
-                    _exit(0)
-                os.setsid()
-                if random_state is not None:
-                    sys.modules["random"].setstate(random_state)
-                _restore_handler(_SIGCHLD, sigchld)
-            except BaseException:  # noqa: BLE001 - never return into the loop from here
-                _exit(1)
-            self._subreaper = False  # not inherited across fork
-            return True
-        try:
-            # Only once the intermediate is gone may the flag come back: its orphan must
-            # skip this process on the way up.
-            _, status = os.waitpid(pid, 0)
-        finally:
-            if subreaper:
-                _set_subreaper(True)
-            _restore_handler(_SIGCHLD, sigchld)
-        if status != 0:
-            raise OSError(f"the intermediate process failed with status {status}")
-        return False
-
-
-_libc_prctl: Any = None
 _pending_count = array.array("i", [0])
 
 
@@ -522,23 +325,6 @@ def _pending(fd: int) -> int:
     except OSError:
         return -1
     return _pending_count[0]
-
-
-def _restore_handler(signum: int, handler: Any) -> None:
-    if handler is not None:  # None: installed by C code, which Python cannot put back
-        _set_handler(signum, handler)
-
-
-def _set_subreaper(on: bool) -> None:
-    global _libc_prctl
-    try:
-        if _libc_prctl is None:
-            import ctypes
-
-            _libc_prctl = ctypes.CDLL(None, use_errno=True).prctl
-        _libc_prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _batch_scheduling() -> None:
