@@ -50,6 +50,9 @@ _ONE_THREAD = {
 
 #: Directories hidden from the agent by the filesystem layer, except for what Python needs.
 _HOME_DIRECTORIES = ("/root", "/home")
+#: Directories the filesystem layer replaces with fresh private ones. An interpreter or a
+#: virtual environment living below one of them (a checkout in /tmp, say) is bound back.
+_PRIVATE_DIRECTORIES = ("/tmp", "/dev")
 
 Report = dict[str, dict[str, Any]]
 
@@ -230,7 +233,7 @@ def _apply_namespaces(config: Mapping[str, Any], hidden: list[str], report: Repo
             workdir=config["workdir"],
             masked=masked,
             exposed=[path for path in _python_paths()
-                     if any(path.startswith(m + "/") for m in masked)],
+                     if any(path.startswith(m + "/") for m in [*masked, *_PRIVATE_DIRECTORIES])],
             tmp_bytes=int(config["limits"]["memory_mb"]) * _MB,
         )
         try:
