@@ -113,17 +113,34 @@ class _ReportedExit(_ExitWatch):
         self._known = False
         self._returncode: int | None = None
 
+    def forked(self, timeout_s: float) -> int | None:
+        """The pid the zygote forked, which it reports first; None if it could not fork."""
+        message = self._next(timeout_s)
+        if message.get("type") == "forked" and isinstance(message.get("pid"), int):
+            return int(message["pid"])
+        self._record(message)
+        return None
+
     def returncode(self, timeout_s: float) -> int | None:
-        if not self._known and select.select([self.sock], [], [], timeout_s)[0]:
-            self._known = True
-            try:
-                message = json.loads(self.sock.recv(4096) or b"{}")
-            except (OSError, ValueError):
-                message = {}
-            if message.get("type") == "exit" and isinstance(message.get("returncode"), int):
-                self._returncode = message["returncode"]
-            self.error = str(message.get("message", ""))
+        if not self._known:
+            self._record(self._next(timeout_s))
         return self._returncode
+
+    def _next(self, timeout_s: float) -> dict[str, Any]:
+        if not select.select([self.sock], [], [], timeout_s)[0]:
+            return {"type": "pending"}
+        try:
+            return dict(json.loads(self.sock.recv(4096) or b'{"type": "gone"}'))
+        except (OSError, ValueError, TypeError):
+            return {"type": "gone"}
+
+    def _record(self, message: dict[str, Any]) -> None:
+        if message.get("type") == "pending":
+            return
+        self._known = True
+        if message.get("type") == "exit" and isinstance(message.get("returncode"), int):
+            self._returncode = message["returncode"]
+        self.error = str(message.get("message", ""))
 
     def close(self) -> None:
         self.sock.close()
@@ -227,8 +244,14 @@ class WorkerProcess:
         finally:
             theirs.close()
             channels.close_child_ends()
-        worker = cls(channels, _ReportedExit(ours), cgroup, zygote)
-        worker._await_ready()
+        exit_watch = _ReportedExit(ours)
+        worker = cls(channels, exit_watch, cgroup, zygote)
+        pid = exit_watch.forked(START_TIMEOUT_S)
+        if pid is None:
+            worker._start_failed("the zygote", Capture(0), exit_watch.error or None)
+        else:
+            worker._became(pid)  # while it starts
+            worker._await_ready(expected_pid=pid)
         return worker
 
     @classmethod

@@ -350,15 +350,17 @@ def warm_up() -> None:
     del linecache.cache[filename]
 
 
-def start(sock: socket.socket, config: Mapping[str, Any]) -> None:
+def start(sock: socket.socket, config: Mapping[str, Any], *, warm: bool = False) -> None:
     """Isolate this process, then serve: the common path after spawn and after fork.
 
-    ``config`` comes from :func:`coding_gym.sandbox.isolation.worker_config`.
+    ``config`` comes from :func:`coding_gym.sandbox.isolation.worker_config`; ``warm``: this
+    process ran :func:`warm_up` itself already (a zygote's spare child, ahead of the request;
+    a warm-up inherited from the zygote would leave the first step the copy-on-write faults).
     """
     worker = Worker(sock)
     _batch_scheduling()
-    # Also after a fork from a warm zygote: the first step would take the copy-on-write faults.
-    warm_up()
+    if not warm:
+        warm_up()
     try:
         worker.isolation_report = dict(isolation.apply(config))
     except Exception as e:  # noqa: BLE001 - tell the parent why, then stop

@@ -57,6 +57,8 @@ _REMEMBERED_EXITS = 4096
 ZYGOTE_NAME = "cg-zygote"
 SPARE_NAME = "cg-zygote-spare"
 _PR_SET_NAME = 15
+#: How long a new spare child waits, idle, before it takes its copy-on-write faults.
+WARM_UP_DELAY_S = 0.02
 
 
 class ZygoteError(OSError):
@@ -328,6 +330,8 @@ class _Loop:
                 _send_quietly(status_sock, {"type": "error", "message": f"no child: {e}"})
                 status_sock.close()
             else:
+                # The pid, at once: the parent puts it in its cgroup while it starts.
+                _send_quietly(status_sock, {"type": "forked", "pid": pid})
                 self._add_watcher(pid, status_sock)
             sock.close()
         for fd in worker_fds:
@@ -348,10 +352,15 @@ class _Loop:
             os.close(self.wake_w)
             _set_process_name(SPARE_NAME)
             _reseed()
+            # Warm up once the worker handed over just before has had the CPU for its start.
+            warm = not select.select([sock], [], [], WARM_UP_DELAY_S)[0]
+            if warm:
+                _warm_up()
             data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, _MAX_FDS)
             sock.close()
             if data and len(fds) == 3:
-                _become_worker(json.loads(data), *fds)
+                control, out, err = fds
+                _become_worker(json.loads(data), control, out, err, warm)
             code = 0
         except BaseException:  # noqa: BLE001 - the parent reads it from the stderr pipe
             try:
@@ -422,7 +431,8 @@ class _Loop:
                 pass
 
 
-def _become_worker(request: dict[str, Any], control: int, out: int, err: int) -> None:
+def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
+                   warm: bool) -> None:
     """In a child of the zygote: take the episode's place, then serve it."""
     _set_process_name(os.path.basename(sys.executable))
     os.dup2(out, 1)
@@ -433,7 +443,7 @@ def _become_worker(request: dict[str, Any], control: int, out: int, err: int) ->
     os.chdir(request["workdir"])
     os.environ.clear()
     os.environ.update(request["environment"])
-    worker.start(socket.socket(fileno=control), request["config"])
+    worker.start(socket.socket(fileno=control), request["config"], warm=warm)
 
 
 def _set_process_name(name: str) -> None:
@@ -450,6 +460,19 @@ def _send_quietly(sock: socket.socket, message: dict[str, Any]) -> None:
         sock.send(json.dumps(message).encode())
     except OSError:
         pass
+
+
+def _warm_up() -> None:
+    """Take now, while idle, the copy-on-write faults a new worker's start-up and first step
+    would take: run the step machinery and build a worker (then drop it)."""
+    worker.warm_up()
+    scratch = socket.socket(socket.AF_UNIX)
+    try:
+        rehearsal = worker.Worker(scratch)
+        os.close(rehearsal._fd_out)
+        os.close(rehearsal._fd_err)
+    finally:
+        scratch.close()
 
 
 def _reseed() -> None:
