@@ -226,21 +226,17 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         if not entries:
             return {}
         keys = list(entries[0][1])
-        flat = "final_obs" not in keys and not any(
-            isinstance(value, dict) for value in entries[0][1].values())
-        if not flat or any(list(info) != keys for _, info in entries) or any(
-                isinstance(value, dict) for _, info in entries for value in info.values()):
-            infos: dict[str, Any] = {}
-            for env_num, info in entries:
-                infos = self._add_info(infos, info, env_num)
-            return infos
+        if "final_obs" in keys or any(list(info) != keys for _, info in entries[1:]):
+            return self._add_infos(entries)
         n = self.num_envs
         where = [env_num for env_num, _ in entries]
         mask = np.zeros(n, dtype=np.bool_)
         mask[where] = True
-        infos = {}
+        infos: dict[str, Any] = {}
         for key in keys:
             values = [info[key] for _, info in entries]
+            if dict in set(map(type, values)):
+                return self._add_infos(entries)
             kind = type(values[0])
             if kind in (int, float, bool) or issubclass(kind, np.number):
                 array = np.zeros(n, dtype=kind)
@@ -253,6 +249,12 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
                     array[env_num] = value
             infos[key] = array
             infos["_" + key] = mask.copy()
+        return infos
+
+    def _add_infos(self, entries: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        infos: dict[str, Any] = {}
+        for env_num, info in entries:
+            infos = self._add_info(infos, info, env_num)
         return infos
 
     def _add_info(self, vector_infos: dict[str, Any], env_info: dict[str, Any],

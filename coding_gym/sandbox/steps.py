@@ -283,14 +283,15 @@ def run_many(runs: Sequence[StepRun]) -> list[ExecResult]:
         return [runs[0].wait()]
     poller = select.poll()
     owner: dict[int, StepRun] = {}
+    registered: dict[StepRun, list[int]] = {}
     pending = 0
     for run in runs:
         if run.result is None:
             pending += 1
-            for fd in run.watched_fds(quiet=True):
-                if fd >= 0:
-                    poller.register(fd, _POLLIN)
-                    owner[fd] = run
+            fds = registered[run] = [fd for fd in run.watched_fds(quiet=True) if fd >= 0]
+            for fd in fds:
+                poller.register(fd, _POLLIN)
+                owner[fd] = run
     quiet_until = _monotonic() + QUIET_S
     quiet = True
     deadline = min((run.deadline for run in runs if run.result is None), default=0.0)
@@ -303,12 +304,13 @@ def run_many(runs: Sequence[StepRun]) -> list[ExecResult]:
                     for fd in (run.worker.out_fd, run.worker.err_fd):
                         poller.register(fd, _POLLIN)
                         owner[fd] = run
+                        registered[run].append(fd)
         if now >= deadline:
             for run in runs:
                 if run.result is None and run.deadline <= now:
                     run.expire()
                     pending -= 1
-                    _forget(run, poller, owner)
+                    _forget(registered.pop(run), poller, owner)
             deadline = min((run.deadline for run in runs if run.result is None), default=0.0)
             continue
         for fd, _ in poller.poll(((min(deadline, quiet_until) if quiet else deadline) - now)
@@ -319,7 +321,7 @@ def run_many(runs: Sequence[StepRun]) -> list[ExecResult]:
             run.on_event(fd)
             if run.result is not None:
                 pending -= 1
-                _forget(run, poller, owner)
+                _forget(registered.pop(run), poller, owner)
     results = []
     for run in runs:
         assert run.result is not None
@@ -327,13 +329,13 @@ def run_many(runs: Sequence[StepRun]) -> list[ExecResult]:
     return results
 
 
-def _forget(run: StepRun, poller: select.poll, owner: dict[int, StepRun]) -> None:
+def _forget(fds: list[int], poller: select.poll, owner: dict[int, StepRun]) -> None:
     """Stop watching the fds of a finished step (a dead worker's pipes would poll forever).
 
     By the numbers registered, not the worker's current ones: a killed worker's socket is
     closed, and its number may already belong to a new file.
     """
-    for fd in [fd for fd, watcher in owner.items() if watcher is run]:
+    for fd in fds:
         del owner[fd]
         poller.unregister(fd)
 
