@@ -7,14 +7,17 @@ step machinery, freezes its objects out of the garbage collector (so children do
 the pages it would touch), and then waits for requests.
 
 Each request carries the new worker's control socket, stdout and stderr pipes and a status
-socket, passed with ``SCM_RIGHTS``. The zygote forks; the child drops the zygote's own sockets,
-starts a new session, moves to the episode's directory and environment, reseeds NumPy's global
-generator (``random`` reseeds itself at fork) and then runs the same start-up path as a spawned
-worker (:func:`coding_gym.sandbox.worker.start`), isolation included. The zygote reaps its
-children and writes each one's exit status to its status socket: the worker is the zygote's
-child, not the env's, and only a parent can learn how a process ended. It is a child
-subreaper too, so copies of workers (snapshots and forks, made by double forks) land here and
-are reaped and reported the same way.
+socket, passed with ``SCM_RIGHTS``. The zygote keeps one child forked ahead (the *spare*, which
+drops the zygote's own sockets, gets fresh random state and, when left idle for a moment,
+takes the copy-on-write faults of a start-up in advance) and hands the request to it, then
+forks the next spare. The spare starts a new session, moves to the episode's directory and
+environment and runs the same start-up path as a spawned worker
+(:func:`coding_gym.sandbox.worker.start`), isolation included. On the status socket the zygote
+reports the worker's pid at once (the parent moves it into its cgroup meanwhile), then its
+exit status once it reaps it: the worker is the zygote's child, not the env's, and only a
+parent can learn how a process ended. It is a child subreaper too, so copies of workers
+(snapshots and forks, made by double forks) land here and are reaped and reported the same
+way.
 
 The zygote stays single-threaded (a fork copies only the calling thread): it refuses to serve
 if the preloaded modules started threads. It exits when every process holding the other end
