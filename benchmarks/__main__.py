@@ -24,7 +24,8 @@ from benchmarks.common import figure, machine, save, write_json
 SUITE: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "step_latency": ({"steps": 2000, "spawn_steps": 50}, {"steps": 400, "spawn_steps": 5}),
     "reset_latency": ({"resets": 50, "spawn_resets": 15}, {"resets": 10, "spawn_resets": 3}),
-    "vector_throughput": ({"seconds": 3.0, "max_envs": 16}, {"seconds": 0.5, "max_envs": 8}),
+    "vector_throughput": ({"seconds": 3.0, "max_envs": 16, "rounds": 5},
+                          {"seconds": 0.6, "max_envs": 8, "rounds": 3}),
     "snapshots": ({"samples": 100}, {"samples": 15}),
     "memory": ({"sessions": 16}, {"sessions": 4}),
     "server_latency": ({"steps": 500, "stateless_steps": 30, "seconds": 3.0},

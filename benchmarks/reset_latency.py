@@ -2,7 +2,8 @@
 
 Each sample is a reset followed by the first step, so both designs end with a usable
 interpreter: ``import numpy`` (already in memory in a zygote's worker) or ``pass``. All with
-the default isolation layers, then the zygote's without them (what isolation costs).
+the default isolation layers, and the zygote's also without the namespace, uid and seccomp
+layers (what they cost). The variants are sampled in turns.
 
     python benchmarks/reset_latency.py [--resets 50] [--spawn-resets 15]
 
@@ -21,35 +22,41 @@ if __package__ in (None, ""):
 
 from benchmarks.common import machine, percentiles, plot_ecdf, print_rows, progress, write_json
 
-
-def _resets(samples: int, first_step: str, desc: str, **options: Any) -> list[float]:
-    from coding_gym.env import CodingEnv
-
-    timings = []
-    with CodingEnv(**options) as env:
-        env.reset()  # starts the zygote, if any, outside the measurement
-        env.step(first_step)
-        for _ in progress(range(samples), desc):
-            start = time.perf_counter()
-            env.reset()
-            obs, *_ = env.step(first_step)
-            timings.append(time.perf_counter() - start)
-            assert obs["exit_code"] == 0, obs
-    return timings
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # name: (first step, CodingEnv options)
+    "zygote, numpy": ("import numpy", {}),
+    "spawn, numpy": ("import numpy", {"start_method": "spawn"}),
+    "zygote, bare": ("pass", {"preload": []}),
+    "spawn, bare": ("pass", {"start_method": "spawn"}),
+    "zygote, numpy, no isolation": ("import numpy", {"isolation": {
+        "network": False, "filesystem": False, "user": False, "seccomp": False}}),
+}
 
 
 def run(resets: int = 50, spawn_resets: int = 15) -> dict[str, Any]:
-    samples = {
-        "zygote, numpy": _resets(resets, "import numpy", "reset: zygote, numpy"),
-        "spawn, numpy": _resets(spawn_resets, "import numpy", "reset: spawn, numpy",
-                                start_method="spawn"),
-        "zygote, bare": _resets(resets, "pass", "reset: zygote, bare", preload=[]),
-        "spawn, bare": _resets(spawn_resets, "pass", "reset: spawn, bare", start_method="spawn"),
-        "zygote, numpy, no isolation": _resets(resets, "import numpy",
-                                               "reset: zygote, no isolation",
-                                               isolation={"network": False, "filesystem": False,
-                                                          "user": False, "seccomp": False}),
-    }
+    """Resets of every variant in turns, so that the machine's load weighs on all alike."""
+    from coding_gym.env import CodingEnv
+
+    envs = {name: CodingEnv(**options) for name, (_, options) in VARIANTS.items()}
+    samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    try:
+        for name, env in envs.items():
+            env.reset()  # starts the zygote, if any, outside the measurement
+            env.step(VARIANTS[name][0])
+        every = max(1, resets // spawn_resets)
+        for i in progress(range(resets), "reset latency"):
+            for name, env in envs.items():
+                if name.startswith("spawn") and i % every:
+                    continue
+                first_step = VARIANTS[name][0]
+                start = time.perf_counter()
+                env.reset()
+                obs, *_ = env.step(first_step)
+                samples[name].append(time.perf_counter() - start)
+                assert obs["exit_code"] == 0, obs
+    finally:
+        for env in envs.values():
+            env.close()
     results = {name: percentiles(values) for name, values in samples.items()}
     speedup = results["spawn, numpy"]["p50_us"] / results["zygote, numpy"]["p50_us"]
     plot = plot_ecdf("reset_latency", "reset + first step: zygote vs fresh worker", samples,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import select
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -32,9 +33,6 @@ DESIGNS = ("native", "async", "sync", "raw ceiling")
 
 
 def _steps_per_second(step: Callable[[], object], num_envs: int, seconds: float) -> float:
-    deadline = time.perf_counter() + seconds / 5
-    while time.perf_counter() < deadline:  # warm-up
-        step()
     steps = 0
     start = time.perf_counter()
     deadline = start + seconds
@@ -46,7 +44,8 @@ def _steps_per_second(step: Callable[[], object], num_envs: int, seconds: float)
             return steps * num_envs / (now - start)
 
 
-def _gymnasium(design: str, num_envs: int, seconds: float) -> float:
+def _gymnasium(design: str, num_envs: int) -> tuple[Callable[[], object], Callable[[], None]]:
+    """(one step of all envs, close) for a Gymnasium vector env of ``design``."""
     import gymnasium as gym
 
     from coding_gym.env import CodingEnv
@@ -60,14 +59,12 @@ def _gymnasium(design: str, num_envs: int, seconds: float) -> float:
     else:
         envs = gym.vector.SyncVectorEnv([CodingEnv] * num_envs)
     actions = (CODE,) * num_envs
-    try:
-        envs.reset(seed=0)
-        return _steps_per_second(lambda: envs.step(actions), num_envs, seconds)
-    finally:
-        envs.close()
+    envs.reset(seed=0)
+    return (lambda: envs.step(actions)), envs.close
 
 
-def _raw_ceiling(num_envs: int, seconds: float) -> float:
+def _raw_ceiling(num_envs: int) -> tuple[Callable[[], object], Callable[[], None]]:
+    """(one step of all workers, close) for N raw workers driven by one poll loop."""
     workers = [RawWorker() for _ in range(num_envs)]
     by_fd = {worker.sock.fileno(): worker for worker in workers}
     poller = select.poll()
@@ -84,22 +81,33 @@ def _raw_ceiling(num_envs: int, seconds: float) -> float:
                 if worker.feed(worker.sock.recv(65536)) is not None:
                     waiting -= 1
 
-    try:
-        return _steps_per_second(step, num_envs, seconds)
-    finally:
+    def close() -> None:
         for worker in workers:
             worker.close()
 
+    return step, close
 
-def run(seconds: float = 3.0, max_envs: int = 16) -> dict[str, Any]:
+
+def run(seconds: float = 3.0, max_envs: int = 16, rounds: int = 5) -> dict[str, Any]:
+    """``seconds`` per design and size, split into ``rounds`` taken in turns (the median
+    counts), so that the machine's load and process placement weigh on all designs alike."""
     sizes = [n for n in (1, 2, 4, 8, 16) if n <= max_envs]
     table: dict[str, dict[int, float]] = {design: {} for design in DESIGNS}
-    cases = [(n, design) for n in sizes for design in DESIGNS]
-    for n, design in progress(cases, "vector throughput"):
-        if design == "raw ceiling":
-            table[design][n] = _raw_ceiling(n, seconds)
-        else:
-            table[design][n] = _gymnasium(design, n, seconds)
+    for n in progress(sizes, "vector throughput"):
+        started = {design: _raw_ceiling(n) if design == "raw ceiling" else _gymnasium(design, n)
+                   for design in DESIGNS}
+        try:
+            for step, _ in started.values():
+                _steps_per_second(step, n, seconds / rounds)  # warm-up
+            rates: dict[str, list[float]] = {design: [] for design in DESIGNS}
+            for _ in range(rounds):
+                for design, (step, _) in started.items():
+                    rates[design].append(_steps_per_second(step, n, seconds / rounds))
+        finally:
+            for _, close in started.values():
+                close()
+        for design in DESIGNS:
+            table[design][n] = statistics.median(rates[design])
     reference = 8 if 8 in sizes else sizes[-1]
     native = table["native"][reference]
     ratios = {
@@ -123,6 +131,7 @@ def run(seconds: float = 3.0, max_envs: int = 16) -> dict[str, Any]:
         "code": CODE,
         "machine": machine(),
         "seconds_per_case": seconds,
+        "rounds": rounds,
         "steps_per_second": {design: {str(n): v for n, v in rows.items()}
                              for design, rows in table.items()},
         "ratios": ratios,
