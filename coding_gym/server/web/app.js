@@ -411,7 +411,7 @@
       renderResult(data, info, { reset: true });
       el.resultLabel.textContent = request && request.meta.auto ? "New episode (connected)" : "New episode";
     } else {
-      var step = info && typeof info.step_count === "number" ? info.step_count : state.stepCount + 1;
+      var step = info && typeof info.step === "number" ? info.step : state.stepCount + 1;
       var code = request && typeof request.meta.code === "string" ? request.meta.code : "";
       var obs = data.observation || {};
       renderResult(data, info, { reset: false });
@@ -431,9 +431,9 @@
       if (typeof info.episode_id === "string" && info.episode_id) {
         setEpisode(info.episode_id);
       }
-      if (typeof info.step_count === "number") {
-        state.stepCount = info.step_count;
-        el.stepCount.textContent = String(info.step_count);
+      if (typeof info.step === "number") {
+        state.stepCount = info.step;
+        el.stepCount.textContent = String(info.step);
       }
     }
 
