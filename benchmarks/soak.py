@@ -38,6 +38,7 @@ from typing import Any
 import httpx
 
 from coding_gym.env import CodingEnv
+from coding_gym.sandbox.processes import rss_kb
 
 TOKEN = "soak-token"
 TIMEOUT_S = 2.0
@@ -141,17 +142,6 @@ def cmdline(pid: int) -> str:
     except (OSError, StopIteration):
         return "?"
     return f"{text[:100]} [{state}]"
-
-
-def rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def snapshot(server_pid: int) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 
 from coding_gym.backends.remote import TOKEN_ENV
 from coding_gym.errors import BackendError, ContainerStartError
+from coding_gym.sandbox.processes import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +225,7 @@ def remove_orphans() -> list[str]:
         all=True, filters={"label": f"{OWNER_HOST_LABEL}={socket.gethostname()}"}
     ):
         pid = container.labels.get(OWNER_PID_LABEL, "")
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             try:
                 container.remove(force=True)
                 removed.append(container.name)
@@ -337,16 +338,6 @@ def _wait_healthy(container: ServerContainer, timeout_s: float) -> None:
             )
         time.sleep(delay_s)
         delay_s = min(delay_s * 1.5, 0.25)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove_started() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from coding_gym.env import CodingEnv
+from coding_gym.sandbox.processes import pid_alive
 from tests.hostile.conftest import (
     Server,
     assert_nothing_leaked,
@@ -39,21 +40,6 @@ def _step(env: CodingEnv, code: str) -> Outcome:
     assert not truncated and info["infra_error"] is None, info  # the agent's fault, not ours
     return Outcome(observation["stdout"], observation["stderr"], observation["exit_code"],
                    info, elapsed)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie has exited; only its parent has yet to reap it.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("program", PROGRAMS, ids=[p.name for p in PROGRAMS])
@@ -92,7 +78,7 @@ def test_hostile_program(program: Program, backend: str, make_env: Callable[[], 
         assert server.process.poll() is None and server.healthy()
     for pid in pids if program.prints_pid else []:
         deadline = time.monotonic() + 10
-        while _pid_alive(pid):
+        while pid_alive(pid):
             assert time.monotonic() < deadline, f"process {pid} outlived the episode"
             time.sleep(0.05)
     assert_nothing_leaked(before, server)

@@ -17,6 +17,7 @@ import pytest
 
 from coding_gym.env import CodingEnv
 from coding_gym.sandbox import cgroups
+from coding_gym.sandbox.processes import rss_kb
 from tests.helpers import descendant_pids
 
 RESETS = 1000
@@ -39,17 +40,6 @@ class Counts:
     cgroups: int
 
 
-def _rss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def _cgroup_dirs() -> int:
     support = cgroups.probe()
     if not support.version:
@@ -62,7 +52,7 @@ def count() -> Counts:
     return Counts(
         processes=len(pids),
         fds=len(os.listdir("/proc/self/fd")),
-        rss_kb=_rss_kb(os.getpid()) + sum(_rss_kb(pid) for pid in pids),
+        rss_kb=rss_kb(os.getpid()) + sum(rss_kb(pid) for pid in pids),
         cgroups=_cgroup_dirs(),
     )
 
