@@ -4,7 +4,8 @@ The parent describes what it wants with :func:`worker_config` (a JSON-able dict)
 just started or just forked, passes it to :func:`apply`, which applies every layer that is on
 and that the machine allows, in this order:
 
-1. ``network`` and ``filesystem``: new network, mount and IPC namespaces (``namespaces.py``);
+1. ``network`` and ``filesystem``: new network, mount and IPC namespaces (``walls.py``),
+   entered ahead of time by a zygote's spare child;
 2. ``user``: the episode's own unprivileged uid (``uids.py``), after the imports and mounts
    that need root;
 3. ``rlimits``: memory, file size, open files, processes, core dumps;
@@ -24,11 +25,11 @@ import os
 import resource
 import sys
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import Any
 
-from coding_gym.sandbox import namespaces, seccomp, uids
+from coding_gym.sandbox import seccomp, uids, walls
 from coding_gym.sandbox.libc import libc
+from coding_gym.sandbox.walls import Report
 
 _MB = 1024 * 1024
 _NICE = 19
@@ -47,15 +48,6 @@ _ONE_THREAD = {
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                  "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "BLIS_NUM_THREADS")
 }
-
-#: Directories hidden from the agent by the filesystem layer, except for what Python needs.
-_HOME_DIRECTORIES = ("/root", "/home")
-#: Directories the filesystem layer replaces with fresh private ones. An interpreter or a
-#: virtual environment living below one of them (a checkout in /tmp, say) is bound back.
-_PRIVATE_DIRECTORIES = ("/tmp", "/dev")
-
-Report = dict[str, dict[str, Any]]
-
 
 class IsolationError(RuntimeError):
     """A layer that was asked for could not be applied, and the config is strict."""
@@ -105,6 +97,8 @@ def worker_config(layers: Mapping[str, bool], limits: Mapping[str, Any], workdir
         "uid": uid,
         "strict": strict,
     }
+    if on["user"] and isinstance(uid, int) and uid > 0 and os.geteuid() == 0:
+        config["uid_error"] = _give_workdir(config["workdir"], uid)
     if on["seccomp"]:
         try:
             protected = (os.getpid(), *seccomp.protected_pids())
@@ -115,33 +109,57 @@ def worker_config(layers: Mapping[str, bool], limits: Mapping[str, Any], workdir
     return config
 
 
+def _give_workdir(workdir: str, uid: int) -> str:
+    """Make ``uid`` the owner of the episode directory; what went wrong, or "".
+
+    Here, in the parent: a worker may start in namespaces built ahead, where the directory
+    is already on a read-only mount.
+    """
+    try:
+        # Through an O_NOFOLLOW handle: code of an earlier worker of the episode may have
+        # swapped the directory for a symbolic link to something root owns.
+        fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            os.fchown(fd, uid, uid)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return f"could not give the episode directory to uid {uid}: {e}"
+    return ""
+
+
 def prepare() -> None:
     """Do ahead of time what :func:`apply` would otherwise compute in every worker.
 
     A parent that forks workers calls this once before forking.
     """
-    _python_paths()
+    walls.python_paths()
     libc()
 
 
-def apply(config: Mapping[str, Any]) -> Report:
+def apply(config: Mapping[str, Any], built: walls.Walls | None = None) -> Report:
     """Apply every layer of ``config`` that is on; return layer -> {active, detail}.
 
     Call once, in the worker, while it is single-threaded and before any agent code runs.
+    ``built``: the namespaces this process entered already (:func:`walls.build`), which must
+    be the kind ``config`` asks for.
     """
     layers: Mapping[str, bool] = config["layers"]
     report: Report = {}
     become_subreaper()
+    if built is not None and built.kind != walls.kind_of(config):
+        raise IsolationError(f"namespaces built for (network, filesystem) = {built.kind}, "
+                             f"but the episode asks for {walls.kind_of(config)}")
 
     uid = _leased_uid(config, report)
-    hidden = _unreachable_roots() if uid is not None else []
+    hidden = walls.unreachable_roots() if uid is not None else []
     if uid is not None and hidden and not layers["filesystem"]:
         _off(report, "user", f"Python lives under {', '.join(hidden)}, which other users "
              "cannot enter; turn the filesystem layer on (it shows the worker only the "
              "interpreter's directories there) or install Python where every user can read it")
         uid = None
 
-    _apply_namespaces(config, hidden, report)
+    report.update(walls.finish(config, hidden, built or walls.build(*walls.kind_of(config))))
 
     if uid is not None:
         try:
@@ -173,11 +191,11 @@ def apply(config: Mapping[str, Any]) -> Report:
 
 
 def _on(report: Report, name: str, detail: str) -> None:
-    report[name] = {"active": True, "detail": detail}
+    report[name] = walls.layer(True, detail)
 
 
 def _off(report: Report, name: str, detail: str) -> None:
-    report[name] = {"active": False, "detail": detail}
+    report[name] = walls.layer(False, detail)
 
 
 def _leased_uid(config: Mapping[str, Any], report: Report) -> int | None:
@@ -190,70 +208,11 @@ def _leased_uid(config: Mapping[str, Any], report: Report) -> int | None:
              "its code can signal and read other processes of that user")
     elif not isinstance(uid, int) or uid <= 0:
         _off(report, "user", "the parent leased no uid for the episode")
+    elif config.get("uid_error"):
+        _off(report, "user", config["uid_error"])
     else:
-        try:
-            # Through an O_NOFOLLOW handle: code of an earlier worker of the episode may
-            # have swapped the directory for a symbolic link to something root owns.
-            fd = os.open(config["workdir"], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-            try:
-                os.fchown(fd, uid, uid)
-            finally:
-                os.close(fd)
-            return uid
-        except OSError as e:
-            _off(report, "user", f"could not give the episode directory to uid {uid}: {e}")
+        return uid
     return None
-
-
-def _apply_namespaces(config: Mapping[str, Any], hidden: list[str], report: Report) -> None:
-    layers = config["layers"]
-    network, filesystem = bool(layers["network"]), bool(layers["filesystem"])
-    for name, on in (("network", network), ("filesystem", filesystem)):
-        if not on:
-            _off(report, name, "turned off")
-    if not (network or filesystem):
-        return
-    try:
-        in_user_namespace = namespaces.unshare(network, filesystem)
-    except OSError as e:
-        for name, on in (("network", network), ("filesystem", filesystem)):
-            if on:
-                _off(report, name, f"cannot create namespaces ({e}); a container needs "
-                     "CAP_SYS_ADMIN for them (and --network none keeps it off the network)")
-        return
-    if network:
-        try:
-            namespaces.loopback_up()
-            _on(report, "network", "network namespace with loopback only")
-        except OSError as e:
-            _on(report, "network", f"network namespace with no interface up (loopback: {e})")
-    if filesystem:
-        masked = _masked(hidden)
-        plan = namespaces.FilesystemPlan(
-            workdir=config["workdir"],
-            masked=masked,
-            exposed=[path for path in _python_paths()
-                     if any(path.startswith(m + "/") for m in [*masked, *_PRIVATE_DIRECTORIES])],
-            tmp_bytes=int(config["limits"]["memory_mb"]) * _MB,
-        )
-        try:
-            result = namespaces.isolate_filesystem(plan)
-        except OSError as e:
-            _off(report, "filesystem", f"could not set up the mount namespace: {e}")
-        else:
-            if result.stuck:
-                _off(report, "filesystem",
-                     "mounts that stayed writable: " + ", ".join(result.stuck))
-            else:
-                hidden_text = f"; hidden: {', '.join(masked)}" if masked else ""
-                proc_text = ("/proc showing only the uid's own processes" if
-                             result.processes_hidden else "the machine's /proc")
-                _on(report, "filesystem", "read-only, nosuid root; private /tmp, /dev, "
-                    f"/dev/shm and IPC; {proc_text}{hidden_text}; writable: "
-                    f"{config['workdir']}")
-    if in_user_namespace:
-        # Without this, agent code would keep CAP_SYS_ADMIN over its own namespaces.
-        namespaces.drop_capabilities()
 
 
 def _apply_seccomp(config: Mapping[str, Any], report: Report) -> None:
@@ -277,59 +236,6 @@ def _apply_seccomp(config: Mapping[str, Any], report: Report) -> None:
             _on(report, "network", "no network namespace, but the seccomp filter refuses "
                 f"every socket other than AF_UNIX ({report['network']['detail']})")
     _on(report, "seccomp", "denied: " + denied + "; signals to the parent refused")
-
-
-@lru_cache(maxsize=1)
-def _python_paths() -> tuple[str, ...]:
-    """Directories the interpreter reads from (standard library, site-packages, binary)."""
-    candidates = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-                  os.path.dirname(os.path.realpath(sys.executable))}
-    candidates.update(path for path in sys.path if os.path.isabs(path))
-    paths = set()
-    for path in candidates:
-        if not os.path.exists(path):
-            continue
-        real = os.path.realpath(path)
-        paths.add(real if os.path.isdir(real) else os.path.dirname(real))
-    # Keep the outermost only: binding a directory brings its subdirectories along.
-    ordered = sorted(paths)
-    kept: list[str] = []
-    for path in ordered:
-        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
-            kept.append(path)
-    return tuple(kept)
-
-
-def _unreachable_roots() -> list[str]:
-    """The outermost ancestors of the interpreter's directories that ``uid`` cannot enter.
-
-    Judged by the "other" permission bits, which are what apply to a uid of its own.
-    """
-    roots: list[str] = []
-    for path in _python_paths():
-        parts = path.strip("/").split("/")
-        for depth in range(1, len(parts) + 1):
-            ancestor = "/" + "/".join(parts[:depth])
-            try:
-                if os.stat(ancestor).st_mode & 0o001:
-                    continue
-            except OSError:
-                break
-            if ancestor not in roots:
-                roots.append(ancestor)
-            break
-    return roots
-
-
-def _masked(hidden: list[str]) -> list[str]:
-    """Directories to replace with an empty tmpfs: home directories and ``hidden``."""
-    masked: list[str] = []
-    for path in [*_HOME_DIRECTORIES, *hidden]:
-        if os.path.isdir(path) and not os.path.islink(path) and not any(
-            path == m or path.startswith(m + "/") for m in masked
-        ):
-            masked.append(path)
-    return masked
 
 
 def _set_limit(kind: int, value: int) -> None:

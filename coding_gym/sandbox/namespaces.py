@@ -139,9 +139,31 @@ class FilesystemResult:
     processes_hidden: bool = False
 
 
-def isolate_filesystem(plan: FilesystemPlan) -> FilesystemResult:
+def seal_filesystem() -> FilesystemResult:
+    """The part of the worker's filesystem that no episode changes, built ahead of time.
+
+    Every mount read-only, nosuid and private; a procfs of our own; the minimal /dev. A
+    zygote's spare child builds it while it waits for a request (see ``isolation.Walls``);
+    :func:`isolate_filesystem` finishes it for one episode. Raises OSError when the root
+    itself cannot be made read-only.
+    """
+    devices = [(f"/dev/{name}", _open_path(f"/dev/{name}"))
+               for name in _DEVICES if os.path.exists(f"/dev/{name}")]
+    try:
+        result = FilesystemResult(stuck=_make_read_only())
+        result.processes_hidden = _private_proc()
+        _build_dev(devices)
+    finally:
+        for _, fd in devices:
+            os.close(fd)
+    return result
+
+
+def isolate_filesystem(plan: FilesystemPlan,
+                       sealed: FilesystemResult | None = None) -> FilesystemResult:
     """Build the worker's view of the filesystem (in a fresh mount namespace).
 
+    ``sealed`` is what :func:`seal_filesystem` returned in this namespace, if it ran already.
     The result lists the mount points that could be neither made read-only nor hidden (none
     when the whole filesystem is read-only). Raises OSError when the root itself cannot be.
     """
@@ -152,15 +174,13 @@ def isolate_filesystem(plan: FilesystemPlan) -> FilesystemResult:
             binds.append((path, _open_path(path)))
         except PermissionError:
             pass  # this user cannot read it outside the sandbox either
-    devices = [(f"/dev/{name}", _open_path(f"/dev/{name}"))
-               for name in _DEVICES if os.path.exists(f"/dev/{name}")]
     workdir = _open_path(plan.workdir)
     try:
-        result = FilesystemResult(stuck=_make_read_only())
-        result.processes_hidden = _private_proc()
+        result = sealed if sealed is not None else seal_filesystem()
         tmp_options = f"mode=1777,size={plan.tmp_bytes},nr_inodes=65536"
         _mount("tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, tmp_options)
-        _build_dev(devices, tmp_options)
+        # On the read-only /dev: mounting over a directory writes nothing to it.
+        _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, tmp_options)
         for path in plan.masked:
             _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV,
                    "mode=755,size=1m,nr_inodes=4096")
@@ -175,7 +195,7 @@ def isolate_filesystem(plan: FilesystemPlan) -> FilesystemResult:
         _mount(None, plan.workdir, None, _MS_REMOUNT | _MS_BIND | _MS_NOSUID | _MS_NODEV)
         os.chdir(plan.workdir)
     finally:
-        for fd in [fd for _, fd in binds + devices] + [workdir]:
+        for fd in [fd for _, fd in binds] + [workdir]:
             os.close(fd)
     return result
 
@@ -263,8 +283,9 @@ def _private_proc() -> bool:
     return True
 
 
-def _build_dev(devices: list[tuple[str, int]], shm_options: str) -> None:
-    """A minimal /dev: device nodes bound from the real one, /dev/shm, a private devpts."""
+def _build_dev(devices: list[tuple[str, int]]) -> None:
+    """A minimal, read-only /dev: device nodes bound from the real one, a private devpts, and
+    an empty /dev/shm for the episode's tmpfs."""
     _mount("tmpfs", "/dev", "tmpfs", _MS_NOSUID | _MS_NOEXEC, "mode=755,size=64k,nr_inodes=64")
     for path, fd in devices:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o644))
@@ -274,7 +295,6 @@ def _build_dev(devices: list[tuple[str, int]], shm_options: str) -> None:
     for name in ("shm", "pts"):
         os.mkdir(f"/dev/{name}")
         os.chmod(f"/dev/{name}", 0o755)
-    _mount("tmpfs", "/dev/shm", "tmpfs", _MS_NOSUID | _MS_NODEV, shm_options)
     try:
         _mount("devpts", "/dev/pts", "devpts", _MS_NOSUID | _MS_NOEXEC,
                "newinstance,ptmxmode=0666,mode=0620")

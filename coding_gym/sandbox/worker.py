@@ -39,6 +39,7 @@ from typing import Any
 from coding_gym.sandbox import isolation
 from coding_gym.sandbox.copies import Copies
 from coding_gym.sandbox.protocol import Channel
+from coding_gym.sandbox.walls import Walls
 
 _SAFE_FD_BASE = 100
 #: Code objects of recent programs, kept so that a program sent again is not compiled again.
@@ -350,19 +351,21 @@ def warm_up() -> None:
     del linecache.cache[filename]
 
 
-def start(sock: socket.socket, config: Mapping[str, Any], *, warm: bool = False) -> None:
+def start(sock: socket.socket, config: Mapping[str, Any], *, warm: bool = False,
+          walls: Walls | None = None) -> None:
     """Isolate this process, then serve: the common path after spawn and after fork.
 
     ``config`` comes from :func:`coding_gym.sandbox.isolation.worker_config`; ``warm``: this
     process ran :func:`warm_up` itself already (a zygote's spare child, ahead of the request;
-    a warm-up inherited from the zygote would leave the first step the copy-on-write faults).
+    a warm-up inherited from the zygote would leave the first step the copy-on-write faults);
+    ``walls``: the namespaces it built ahead, the same way.
     """
     worker = Worker(sock)
     _batch_scheduling()
     if not warm:
         warm_up()
     try:
-        worker.isolation_report = dict(isolation.apply(config))
+        worker.isolation_report = dict(isolation.apply(config, walls))
     except Exception as e:  # noqa: BLE001 - tell the parent why, then stop
         worker.channel.send({"type": "error", "message": f"{type(e).__name__}: {e}"})
         return

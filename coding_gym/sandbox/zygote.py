@@ -8,16 +8,17 @@ the pages it would touch), and then waits for requests.
 
 Each request carries the new worker's control socket, stdout and stderr pipes and a status
 socket, passed with ``SCM_RIGHTS``. The zygote keeps one child forked ahead (the *spare*, which
-drops the zygote's own sockets, gets fresh random state and, when left idle for a moment,
-takes the copy-on-write faults of a start-up in advance) and hands the request to it, then
-forks the next spare. The spare starts a new session, moves to the episode's directory and
-environment and runs the same start-up path as a spawned worker
-(:func:`coding_gym.sandbox.worker.start`), isolation included. On the status socket the zygote
-reports the worker's pid at once (the parent moves it into its cgroup meanwhile), then its
-exit status once it reaps it: the worker is the zygote's child, not the env's, and only a
-parent can learn how a process ended. It is a child subreaper too, so copies of workers
-(snapshots and forks, made by double forks) land here and are reaped and reported the same
-way.
+drops the zygote's own sockets, gets fresh random state, enters the namespaces the last request
+asked for (``walls.py``) and, unless a request is already waiting, takes the copy-on-write
+faults of a start-up in advance) and hands the request to it, then forks the next spare. A
+request for other namespaces than the spare's gets a new spare. The spare starts a new session,
+moves to the episode's directory and environment and runs the same start-up path as a spawned
+worker (:func:`coding_gym.sandbox.worker.start`), completing its isolation. On the status
+socket the zygote reports the worker's pid at once (the parent moves it into its cgroup
+meanwhile), then its exit status once it reaps it: the worker is the zygote's child, not
+the env's, and only a parent can learn how a process ended. It is a child subreaper too, so
+copies of workers (snapshots and forks, made by double forks) land here and are reaped and
+reported the same way.
 
 The zygote stays single-threaded (a fork copies only the calling thread): it refuses to serve
 if the preloaded modules started threads. It exits when every process holding the other end
@@ -44,9 +45,9 @@ import tempfile
 import threading
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-from coding_gym.sandbox import bootstrap, isolation, worker
+from coding_gym.sandbox import bootstrap, isolation, walls, worker
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,6 @@ _REMEMBERED_EXITS = 4096
 ZYGOTE_NAME = "cg-zygote"
 SPARE_NAME = "cg-zygote-spare"
 _PR_SET_NAME = 15
-#: How long a new spare child waits, idle, before it takes its copy-on-write faults.
-WARM_UP_DELAY_S = 0.02
 
 
 class ZygoteError(OSError):
@@ -247,7 +246,10 @@ class _Loop:
         self.channel = channel
         self.watchers: dict[int, socket.socket] = {}
         self.exits: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self.spare: tuple[int, socket.socket] | None = None
+        self.spare: _Spare | None = None
+        # The namespaces the next spare builds: those of the last request (the default
+        # isolation until one comes).
+        self.walls_kind = (True, True)
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -285,10 +287,11 @@ class _Loop:
         try:
             request = json.loads(data)
             command = request.get("cmd")
-        except ValueError:
+            walls_kind = walls.kind_of(request["config"]) if command == "fork" else None
+        except (ValueError, KeyError, TypeError, AttributeError):
             command = None
-        if command == "fork" and len(fds) == 4:
-            self._hand_over(data, fds)
+        if command == "fork" and walls_kind is not None and len(fds) == 4:
+            self._hand_over(data, fds, walls_kind)
         elif command == "watch" and len(fds) == 1:
             self._watch(int(request["pid"]), socket.socket(fileno=fds[0]))
         else:
@@ -299,8 +302,8 @@ class _Loop:
     def _fork_spare(self) -> None:
         """Fork the child that will take the next request.
 
-        Forking ahead moves the fork, and the copy-on-write faults of a child's first
-        moments, out of the reset that waits for the worker.
+        Forking ahead moves the fork, the namespaces and the copy-on-write faults of a
+        child's first moments out of the reset that waits for the worker.
         """
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -313,19 +316,30 @@ class _Loop:
             self._wait_as_spare(theirs, ours)
         theirs.close()
         self.exits.pop(pid, None)
-        self.spare = (pid, ours)
+        self.spare = _Spare(pid, ours, self.walls_kind)
 
-    def _hand_over(self, data: bytes, fds: list[int]) -> None:
+    def _drop_spare(self) -> None:
+        if self.spare is not None:
+            _kill(self.spare.pid)  # reaped, like any child, by _reap
+            self.spare.sock.close()
+            self.spare = None
+
+    def _hand_over(self, data: bytes, fds: list[int], walls_kind: tuple[bool, bool]) -> None:
         """Give a fork request to the spare child, then make the next spare."""
         *worker_fds, status = fds
         status_sock = socket.socket(fileno=status)
+        if walls_kind != self.walls_kind:
+            # The spare is in namespaces this episode does not want: from now on, build
+            # the kind the envs ask for.
+            self.walls_kind = walls_kind
+            self._drop_spare()
         if self.spare is None:
             self._fork_spare()
         if self.spare is None:
             _send_quietly(status_sock, {"type": "error", "message": "fork failed"})
             status_sock.close()
         else:
-            pid, sock = self.spare
+            pid, sock = self.spare.pid, self.spare.sock
             self.spare = None
             try:
                 socket.send_fds(sock, [data], worker_fds)
@@ -355,15 +369,17 @@ class _Loop:
             os.close(self.wake_w)
             _set_process_name(SPARE_NAME)
             _reseed()
-            # Warm up once the worker handed over just before has had the CPU for its start.
-            warm = not select.select([sock], [], [], WARM_UP_DELAY_S)[0]
+            built = walls.build(*self.walls_kind)
+            # Measured on 2 CPUs: warming up at once, beside the worker started just before,
+            # beats waiting for a quiet moment, which back-to-back resets never leave.
+            warm = not select.select([sock], [], [], 0)[0]
             if warm:
                 _warm_up()
             data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, _MAX_FDS)
             sock.close()
             if data and len(fds) == 3:
                 control, out, err = fds
-                _become_worker(json.loads(data), control, out, err, warm)
+                _become_worker(json.loads(data), control, out, err, warm, built)
             code = 0
         except BaseException:  # noqa: BLE001 - the parent reads it from the stderr pipe
             try:
@@ -409,8 +425,8 @@ class _Loop:
             if pid == 0:
                 return
             returncode = os.waitstatus_to_exitcode(status)
-            if self.spare is not None and self.spare[0] == pid:
-                self.spare[1].close()
+            if self.spare is not None and self.spare.pid == pid:
+                self.spare.sock.close()
                 self.spare = None
             sock = self.watchers.pop(pid, None)
             if sock is None:
@@ -424,18 +440,13 @@ class _Loop:
 
     def _stop(self) -> None:
         """The env's process is gone or done: take the workers down with the zygote."""
-        pids = list(self.watchers)
-        if self.spare is not None:
-            pids.append(self.spare[0])
-        for pid in pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        for pid in self.watchers:
+            _kill(pid)
+        self._drop_spare()
 
 
 def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
-                   warm: bool) -> None:
+                   warm: bool, built: walls.Walls) -> None:
     """In a child of the zygote: take the episode's place, then serve it."""
     _set_process_name(os.path.basename(sys.executable))
     os.dup2(out, 1)
@@ -446,7 +457,25 @@ def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
     os.chdir(request["workdir"])
     os.environ.clear()
     os.environ.update(request["environment"])
-    worker.start(socket.socket(fileno=control), request["config"], warm=warm)
+    worker.start(socket.socket(fileno=control), request["config"], warm=warm, walls=built)
+
+
+class _Spare(NamedTuple):
+    """The child forked ahead: its pid, the socket the request goes down, its namespaces."""
+
+    pid: int
+    sock: socket.socket
+    walls_kind: tuple[bool, bool]
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL a child of the zygote and its process group (a worker leads one of its own,
+    from its first moments; a spare does not yet)."""
+    for send in (os.killpg, os.kill):
+        try:
+            send(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _set_process_name(name: str) -> None:

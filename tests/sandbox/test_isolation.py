@@ -23,7 +23,7 @@ import pytest
 
 import coding_gym
 from coding_gym.models import Isolation
-from coding_gym.sandbox import isolation, seccomp, uids
+from coding_gym.sandbox import isolation, seccomp, uids, walls
 
 LIMITS = {"memory_mb": 1024, "max_file_mb": 8, "max_open_files": 256, "max_processes": 64}
 ROOT = os.geteuid() == 0
@@ -225,7 +225,7 @@ def test_filesystem_is_read_only_but_the_workdir_and_tmp(workdir):
     assert not os.path.exists("/tmp/ok")  # /tmp was private
     if workdir.startswith("/tmp/"):
         # Besides the episode: an interpreter or virtualenv living in /tmp, bound back.
-        bound_back = {path.split("/")[2] for path in isolation._python_paths()
+        bound_back = {path.split("/")[2] for path in walls.python_paths()
                       if path.startswith("/tmp/")}
         expected = sorted({workdir.split("/")[2], "ok"} | bound_back)
         assert answer["tmp_entries"] == expected

@@ -168,13 +168,7 @@ def test_the_zygote_and_its_spare_are_named():
         assert found is not None
         with open(f"/proc/{found.pid}/comm") as f:
             assert f.read().strip() == zygote.ZYGOTE_NAME
-        deadline = time.monotonic() + 5
-        spares: list[int] = []
-        while not spares and time.monotonic() < deadline:
-            spares = [pid for pid in descendant_pids_of(found.pid)
-                      if _comm(pid) == zygote.SPARE_NAME]
-            time.sleep(0.01)
-        assert spares
+        assert _spare_of(found.pid) in descendant_pids_of(found.pid)
 
 
 def descendant_pids_of(pid: int) -> list[int]:
@@ -191,20 +185,58 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def test_shutdown_stops_the_zygote_and_its_workers():
+def test_shutdown_stops_the_zygote_its_workers_and_its_spare():
     backend = _backend()
     found = zygote.get()
     assert found is not None
+    spare = _spare_of(found.pid)
     worker = backend.worker_pid
     zygote.shutdown()
     assert found.proc.poll() is not None
+    for pid, what in ((worker, "the worker"), (spare, "the spare child")):
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)  # type: ignore[arg-type]
+            except ProcessLookupError:
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"{what} outlived the zygote")
+    backend.close()
+
+
+def _spare_of(zygote_pid: int) -> int:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        try:
-            os.kill(worker, 0)  # type: ignore[arg-type]
-        except ProcessLookupError:
-            break
+        spares = [pid for pid in descendant_pids_of(zygote_pid)
+                  if _comm(pid) == zygote.SPARE_NAME]
+        if spares:
+            return spares[0]
         time.sleep(0.01)
-    else:
-        pytest.fail("the worker outlived the zygote")
-    backend.close()
+    pytest.fail("the zygote has no spare child")
+
+
+_NAMESPACES = "import os\nprint(os.readlink('/proc/self/ns/net'), os.readlink('/proc/self/ns/mnt'))"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="namespaces are made as root here")
+def test_each_worker_gets_the_namespaces_its_isolation_asks_for():
+    """Spares build namespaces ahead of the request: a request for other layers must still
+    get exactly what it asks for, in any order."""
+    host = (os.readlink("/proc/self/ns/net"), os.readlink("/proc/self/ns/mnt"))
+    seen: set[str] = set()
+    for isolation in ({}, {"network": False, "filesystem": False}, {"network": False}, {},
+                      {"filesystem": False}, {"network": False, "filesystem": False}):
+        with _backend(isolation=isolation) as backend:
+            net, mnt = backend.run(_NAMESPACES).stdout.split()
+            layers = backend.describe()["isolation"]
+        wants_net = isolation.get("network", True)
+        wants_fs = isolation.get("filesystem", True)
+        assert (net != host[0]) == wants_net, (isolation, net)
+        assert (mnt != host[1]) == wants_fs, (isolation, mnt)
+        assert layers["network"]["active"] is wants_net
+        assert layers["filesystem"]["active"] is wants_fs
+        if wants_net:
+            assert net not in seen  # a namespace of its own, never one of another worker
+            seen.add(net)
