@@ -244,7 +244,9 @@ def session_loop(index: int, url: str, until: float, seed: int, hostile: list[st
 def active_layers() -> dict[str, bool]:
     from coding_gym.backends.local import LocalBackend
 
-    with LocalBackend() as probe:
+    # Spawned, not forked from a zygote: a zygote of this process would outlive the server
+    # and count as a process left behind.
+    with LocalBackend(start_method="spawn") as probe:
         probe.reset()
         return {name: layer["active"] for name, layer in probe.describe()["isolation"].items()}
 
