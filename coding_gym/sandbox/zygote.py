@@ -341,14 +341,16 @@ class _Loop:
         else:
             pid, sock = self.spare.pid, self.spare.sock
             self.spare = None
+            # The pid first: the parent moves it into its cgroup while it starts, and the
+            # spare woken next must not keep the zygote from the CPU before it is sent.
+            _send_quietly(status_sock, {"type": "forked", "pid": pid})
             try:
                 socket.send_fds(sock, [data], worker_fds)
             except OSError as e:
+                _kill(pid)
                 _send_quietly(status_sock, {"type": "error", "message": f"no child: {e}"})
                 status_sock.close()
             else:
-                # The pid, at once: the parent puts it in its cgroup while it starts.
-                _send_quietly(status_sock, {"type": "forked", "pid": pid})
                 self._add_watcher(pid, status_sock)
             sock.close()
         for fd in worker_fds:
