@@ -107,9 +107,9 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
 
     guarded = [Depends(admit)]
 
-    def open_session() -> Session:
+    async def open_session() -> Session:
         try:
-            return manager.open()
+            return await manager.open()
         except CapacityReached as e:
             raise HTTPException(503, str(e), headers={"Retry-After": "1"}) from e
 
@@ -182,7 +182,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
             session = find_session(session_id)
             return await run(manager.call(session, session.step, body.action.code,
                                           body.timeout_s))
-        session = open_session()
+        session = await open_session()
         try:
             call = manager.call(session, session.step, body.action.code, body.timeout_s)
             return await run(_unless_disconnected(request, manager, session, call))
@@ -204,7 +204,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
     async def create_session(body: Annotated[ResetRequest, Body(default_factory=ResetRequest)]
                              ) -> dict[str, Any]:
         """Open a session and start its first episode; send its id as X-Session-Id."""
-        session = open_session()
+        session = await open_session()
         try:
             reply = await run(manager.call(session, session.reset, body.seed,
                                            body.episode_id))
@@ -246,7 +246,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
             await ws.close(code=CLOSE_FORBIDDEN, reason="forbidden origin or host")
             return
         try:
-            session = manager.open()
+            session = await manager.open()
         except CapacityReached as e:
             await ws.send_text(json.dumps(protocol.error_reply(
                 str(e), protocol.CAPACITY_REACHED, active_sessions=manager.active,

@@ -70,7 +70,9 @@ class Connection:
             self._frames.put_nowait(None)  # wake the request loop if it waits for a frame
         except asyncio.QueueFull:
             pass  # it is busy, and checks _gone before the next request
-        # The client left: kill a step still running for it rather than let it finish.
+        # The client left: kill a step still running for it rather than let it finish; its
+        # slot is as good as free (a client reconnecting at capacity may wait for it).
+        self.session.closing = True
         await self.manager.interrupt(self.session)
 
     async def _answer(self, frame: str | bytes) -> dict[str, Any] | None:

@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: How long a new session may wait for the slot of one whose client has left (its
+#: interpreter is being killed): a client that reconnects at once must not be turned away.
+CLOSING_WAIT_S = 10.0
+
 
 class CapacityReached(Exception):
     """Every session slot is taken."""
@@ -54,6 +58,8 @@ class Session:
         self.last_exit_code: int | None = None
         self.last_active = time.monotonic()
         self.busy = False
+        #: Its client left or it is being closed: its slot is about to be free.
+        self.closing = False
         self.lock = asyncio.Lock()
         #: Set by the owner of a connection: ends it when the session is reaped.
         self.on_expire: Callable[[], Awaitable[None]] | None = None
@@ -137,19 +143,38 @@ class SessionManager:
         self._sessions: dict[str, Session] = {}
         self._pool = ThreadPoolExecutor(max_sessions, thread_name_prefix="coding-gym-session")
         self._reaper: asyncio.Task[None] | None = None
+        self._slot_freed = asyncio.Condition()
 
     @property
     def active(self) -> int:
         """Sessions holding a slot, including those still closing."""
         return len(self._sessions)
 
-    def open(self) -> Session:
-        """A new session (its interpreter starts on first use), or :class:`CapacityReached`."""
+    async def open(self) -> Session:
+        """A new session (its interpreter starts on first use), or :class:`CapacityReached`.
+
+        At capacity, it waits (up to :data:`CLOSING_WAIT_S`) while sessions whose client has
+        left are still closing: a client that closes one session and opens the next at once
+        would otherwise be turned away by its own old session.
+        """
+        if self._waiting_for_a_slot():
+            async with self._slot_freed:
+                try:
+                    await asyncio.wait_for(
+                        self._slot_freed.wait_for(lambda: not self._waiting_for_a_slot()),
+                        CLOSING_WAIT_S)
+                except asyncio.TimeoutError:
+                    pass
         if len(self._sessions) >= self.max_sessions:
             raise CapacityReached(self.max_sessions)
         session = Session(secrets.token_urlsafe(18), self.limits)
         self._sessions[session.id] = session
         return session
+
+    def _waiting_for_a_slot(self) -> bool:
+        """Every slot is taken, and some will be free once their session has closed."""
+        return (len(self._sessions) >= self.max_sessions
+                and any(s.closing for s in self._sessions.values()))
 
     def get(self, session_id: str) -> Session | None:
         """The open session with this id, if any."""
@@ -179,10 +204,13 @@ class SessionManager:
         """Close the session once its current call is over; its slot is free on return."""
         if session.id not in self._sessions:
             return
+        session.closing = True
         try:
             await self.call(session, session.close)
         finally:
             self._sessions.pop(session.id, None)
+            async with self._slot_freed:
+                self._slot_freed.notify_all()
 
     def start_reaper(self) -> None:
         """Start closing idle sessions (from a running event loop)."""

@@ -220,6 +220,13 @@ def test_capacity_reached_is_sent_once_then_closed():
         assert step(first, "print(x)")["data"]["observation"]["stdout"] == "1\n"
 
 
+def test_a_client_reconnecting_at_capacity_gets_the_slot_it_left():
+    with running_server(max_sessions=1) as server:
+        for n in range(5):
+            with connect(ws_url(server)) as socket:
+                assert step(socket, f"print({n})")["data"]["observation"]["stdout"] == f"{n}\n"
+
+
 def open_session(socket, manager):
     """Start an episode on ``socket``; the server's session behind it."""
     episode_id = f"ep-{id(socket)}"
