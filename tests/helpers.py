@@ -12,7 +12,7 @@ def descendant_pids(root: int | None = None) -> set[int]:
     the spare is replaced each time it becomes a worker.
     """
     from coding_gym.sandbox.processes import descendants
-    from coding_gym.sandbox.zygote import SPARE_NAME, ZYGOTE_NAME
+    from coding_gym.sandbox.zygote_loop import SPARE_NAME, ZYGOTE_NAME
 
     return {pid for pid in descendants(os.getpid() if root is None else root)
             if _process_name(pid) not in (ZYGOTE_NAME, SPARE_NAME)}

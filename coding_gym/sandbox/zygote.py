@@ -2,72 +2,39 @@
 
 A fresh interpreter costs 40-55 ms to start (110-130 ms when the code imports NumPy); a fork of
 one that has already imported everything costs 1-2 ms. The zygote is that parent: started once
-per process (lazily, by :func:`get`), it imports the modules to preload, warms up the worker's
-step machinery, freezes its objects out of the garbage collector (so children do not copy
-the pages it would touch), and then waits for requests.
-
-Each request carries the new worker's control socket, stdout and stderr pipes and a status
-socket, passed with ``SCM_RIGHTS``. The zygote keeps one child forked ahead (the *spare*, which
-drops the zygote's own sockets, gets fresh random state, enters the namespaces the last request
-asked for (``walls.py``) and, unless a request is already waiting, takes the copy-on-write
-faults of a start-up in advance) and hands the request to it, then forks the next spare. A
-request for other namespaces than the spare's gets a new spare. The spare starts a new session,
-moves to the episode's directory and environment and runs the same start-up path as a spawned
-worker (:func:`coding_gym.sandbox.worker.start`), completing its isolation. On the status
-socket the zygote reports the worker's pid at once (the parent moves it into its cgroup
-meanwhile), then its exit status once it reaps it: the worker is the zygote's child, not
-the env's, and only a parent can learn how a process ended. It is a child subreaper too, so
-copies of workers (snapshots and forks, made by double forks) land here and are reaped and
-reported the same way.
-
-The zygote stays single-threaded (a fork copies only the calling thread): it refuses to serve
-if the preloaded modules started threads. It exits when every process holding the other end
-of its channel has closed it, killing the workers it still has.
-
-Standard library only: the zygote process loads this module without the rest of the package.
+per process (lazily, by :func:`get`) and shared by every backend of the process, it imports the
+modules to preload and then forks workers on request (``zygote_loop.py`` is the zygote's own
+side). This module is the other side: starting it, asking it for workers and for the exit
+status of copies of workers, and stopping it.
 """
 
 from __future__ import annotations
 
 import atexit
-import collections
-import gc
 import importlib.util
 import json
 import logging
 import os
 import select
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
-import traceback
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
-from coding_gym.sandbox import bootstrap, isolation, walls, worker
+from coding_gym.sandbox import bootstrap, isolation
+from coding_gym.sandbox.zygote_loop import MAX_MESSAGE
 
 logger = logging.getLogger(__name__)
 
 #: Modules the default zygote imports, each only if it is installed.
 DEFAULT_PRELOAD: tuple[str, ...] = ("numpy",)
 START_TIMEOUT_S = 60.0
-_MAX_MESSAGE = 1 << 16
-_MAX_FDS = 8
-_REMEMBERED_EXITS = 4096
-#: Process names (``ps -o comm``, /proc/PID/comm) of the zygote and of its spare child.
-ZYGOTE_NAME = "cg-zygote"
-SPARE_NAME = "cg-zygote-spare"
-_PR_SET_NAME = 15
 
 
 class ZygoteError(OSError):
     """The zygote could not be started or refused to serve."""
-
-
-# -- In the env's process ----------------------------------------------------------------------
 
 
 class Zygote:
@@ -81,7 +48,7 @@ class Zygote:
         home = tempfile.gettempdir()
         try:
             self.proc = subprocess.Popen(
-                bootstrap.python_command("zygote", str(theirs.fileno()), settings),
+                bootstrap.python_command("zygote_loop", str(theirs.fileno()), settings),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 pass_fds=(theirs.fileno(),), cwd=home,
                 env=isolation.worker_environment(home), start_new_session=True,
@@ -113,7 +80,7 @@ class Zygote:
         ready, _, _ = select.select([self.channel], [], [], START_TIMEOUT_S)
         if not ready:
             raise ZygoteError(f"the zygote did not start within {START_TIMEOUT_S:g} s")
-        data = self.channel.recv(_MAX_MESSAGE)
+        data = self.channel.recv(MAX_MESSAGE)
         if not data:
             raise ZygoteError(f"the zygote exited during start-up (status {self.proc.wait()})")
         return dict(json.loads(data))
@@ -204,313 +171,3 @@ def _forget_after_fork() -> None:
 
 atexit.register(shutdown)
 os.register_at_fork(after_in_child=_forget_after_fork)
-
-
-# -- In the zygote -----------------------------------------------------------------------------
-
-
-def main(argv: list[str]) -> None:
-    """Entry point of the zygote process: ``argv`` is [channel fd, settings as JSON]."""
-    channel = socket.socket(fileno=int(argv[0]))
-    settings = json.loads(argv[1])
-    imported, failed = [], {}
-    for name in settings["preload"]:
-        try:
-            importlib.import_module(name)
-            imported.append(name)
-        except BaseException as e:  # noqa: BLE001 - reported, and the zygote serves anyway
-            failed[name] = f"{type(e).__name__}: {e}"
-    _set_process_name(ZYGOTE_NAME)
-    worker.warm_up()
-    isolation.prepare()
-    # Copies of workers (snapshots, forks) are orphaned on purpose: adopt and reap them here.
-    isolation.become_subreaper()
-    _Loop(channel).serve({
-        "type": "ready", "pid": os.getpid(), "imported": imported, "failed": failed,
-        "threads": len(os.listdir("/proc/self/task")), "vm_bytes": _vm_bytes(),
-    })
-
-
-def _vm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class _Loop:
-    """The zygote's single-threaded loop: fork on request, reap on SIGCHLD, report exits."""
-
-    def __init__(self, channel: socket.socket) -> None:
-        self.channel = channel
-        self.watchers: dict[int, socket.socket] = {}
-        self.exits: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self.spare: _Spare | None = None
-        # The namespaces the next spare builds: those of the last request (the default
-        # isolation until one comes).
-        self.walls_kind = (True, True)
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
-        signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        self.poller = select.poll()
-        self.poller.register(channel, select.POLLIN)
-        self.poller.register(self.wake_r, select.POLLIN)
-
-    def serve(self, ready: dict[str, Any]) -> None:
-        # Everything imported so far is shared with every child: keep the collector off it.
-        gc.freeze()
-        self.channel.send(json.dumps(ready).encode())
-        self._fork_spare()
-        while True:
-            for fd, _ in self.poller.poll():
-                if fd == self.wake_r:
-                    self._drain_wakeups()
-                    self._reap()
-                elif fd == self.channel.fileno():
-                    if not self._handle_request():
-                        self._stop()
-                        return
-                else:
-                    self._drop_watcher(fd)
-
-    def _handle_request(self) -> bool:
-        """Serve one request; False when the channel is closed."""
-        try:
-            data, fds, _, _ = socket.recv_fds(self.channel, _MAX_MESSAGE, _MAX_FDS)
-        except OSError:
-            return False
-        if not data:
-            return False
-        try:
-            request = json.loads(data)
-            command = request.get("cmd")
-            walls_kind = walls.kind_of(request["config"]) if command == "fork" else None
-        except (ValueError, KeyError, TypeError, AttributeError):
-            command = None
-        if command == "fork" and walls_kind is not None and len(fds) == 4:
-            self._hand_over(data, fds, walls_kind)
-        elif command == "watch" and len(fds) == 1:
-            self._watch(int(request["pid"]), socket.socket(fileno=fds[0]))
-        else:
-            for fd in fds:
-                os.close(fd)
-        return True
-
-    def _fork_spare(self) -> None:
-        """Fork the child that will take the next request.
-
-        Forking ahead moves the fork, the namespaces and the copy-on-write faults of a
-        child's first moments out of the reset that waits for the worker.
-        """
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            pid = os.fork()
-        except OSError:
-            ours.close()
-            theirs.close()
-            return
-        if pid == 0:
-            self._wait_as_spare(theirs, ours)
-        theirs.close()
-        self.exits.pop(pid, None)
-        self.spare = _Spare(pid, ours, self.walls_kind)
-
-    def _drop_spare(self) -> None:
-        if self.spare is not None:
-            _kill(self.spare.pid)  # reaped, like any child, by _reap
-            self.spare.sock.close()
-            self.spare = None
-
-    def _hand_over(self, data: bytes, fds: list[int], walls_kind: tuple[bool, bool]) -> None:
-        """Give a fork request to the spare child, then make the next spare."""
-        *worker_fds, status = fds
-        status_sock = socket.socket(fileno=status)
-        if walls_kind != self.walls_kind:
-            # The spare is in namespaces this episode does not want: from now on, build
-            # the kind the envs ask for.
-            self.walls_kind = walls_kind
-            self._drop_spare()
-        if self.spare is None:
-            self._fork_spare()
-        if self.spare is None:
-            _send_quietly(status_sock, {"type": "error", "message": "fork failed"})
-            status_sock.close()
-        else:
-            pid, sock = self.spare.pid, self.spare.sock
-            self.spare = None
-            # The pid first: the parent moves it into its cgroup while it starts, and the
-            # spare woken next must not keep the zygote from the CPU before it is sent.
-            _send_quietly(status_sock, {"type": "forked", "pid": pid})
-            try:
-                socket.send_fds(sock, [data], worker_fds)
-            except OSError as e:
-                _kill(pid)
-                _send_quietly(status_sock, {"type": "error", "message": f"no child: {e}"})
-                status_sock.close()
-            else:
-                self._add_watcher(pid, status_sock)
-            sock.close()
-        for fd in worker_fds:
-            os.close(fd)
-        self._fork_spare()
-
-    def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket) -> None:
-        """In a spare child: shed the zygote, wait for a request, become its worker."""
-        code = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            # Detach before closing: a socket object collected later would close whatever
-            # fd then has the same number.
-            for owned in (self.channel, zygote_end, *self.watchers.values()):
-                os.close(owned.detach())
-            os.close(self.wake_r)
-            os.close(self.wake_w)
-            _set_process_name(SPARE_NAME)
-            _reseed()
-            built = walls.build(*self.walls_kind)
-            # Measured on 2 CPUs: warming up at once, beside the worker started just before,
-            # beats waiting for a quiet moment, which back-to-back resets never leave.
-            warm = not select.select([sock], [], [], 0)[0]
-            if warm:
-                _warm_up()
-            data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, _MAX_FDS)
-            sock.close()
-            if data and len(fds) == 3:
-                control, out, err = fds
-                _become_worker(json.loads(data), control, out, err, warm, built)
-            code = 0
-        except BaseException:  # noqa: BLE001 - the parent reads it from the stderr pipe
-            try:
-                traceback.print_exc()
-                sys.stderr.flush()
-            except BaseException:  # noqa: BLE001
-                pass
-        finally:
-            os._exit(code)
-
-    def _watch(self, pid: int, status_sock: socket.socket) -> None:
-        if pid in self.exits:
-            _send_quietly(status_sock, {"type": "exit", "returncode": self.exits.pop(pid)})
-            status_sock.close()
-        else:
-            self._add_watcher(pid, status_sock)
-
-    def _add_watcher(self, pid: int, status_sock: socket.socket) -> None:
-        self.watchers[pid] = status_sock
-        # Readable only when the env closes its end: then nobody wants the status any more.
-        self.poller.register(status_sock, select.POLLIN)
-
-    def _drop_watcher(self, fd: int) -> None:
-        for pid, sock in list(self.watchers.items()):
-            if sock.fileno() == fd:
-                self.poller.unregister(fd)
-                del self.watchers[pid]
-                sock.close()
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while os.read(self.wake_r, 4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            returncode = os.waitstatus_to_exitcode(status)
-            if self.spare is not None and self.spare.pid == pid:
-                self.spare.sock.close()
-                self.spare = None
-            sock = self.watchers.pop(pid, None)
-            if sock is None:
-                self.exits[pid] = returncode
-                while len(self.exits) > _REMEMBERED_EXITS:
-                    self.exits.popitem(last=False)
-                continue
-            self.poller.unregister(sock)
-            _send_quietly(sock, {"type": "exit", "returncode": returncode})
-            sock.close()
-
-    def _stop(self) -> None:
-        """The env's process is gone or done: take the workers down with the zygote."""
-        for pid in self.watchers:
-            _kill(pid)
-        self._drop_spare()
-
-
-def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
-                   warm: bool, built: walls.Walls) -> None:
-    """In a child of the zygote: take the episode's place, then serve it."""
-    _set_process_name(os.path.basename(sys.executable))
-    os.dup2(out, 1)
-    os.dup2(err, 2)
-    os.close(out)
-    os.close(err)
-    os.setsid()
-    os.chdir(request["workdir"])
-    os.environ.clear()
-    os.environ.update(request["environment"])
-    worker.start(socket.socket(fileno=control), request["config"], warm=warm, walls=built)
-
-
-class _Spare(NamedTuple):
-    """The child forked ahead: its pid, the socket the request goes down, its namespaces."""
-
-    pid: int
-    sock: socket.socket
-    walls_kind: tuple[bool, bool]
-
-
-def _kill(pid: int) -> None:
-    """SIGKILL a child of the zygote and its process group (a worker leads one of its own,
-    from its first moments; a spare does not yet)."""
-    for send in (os.killpg, os.kill):
-        try:
-            send(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-def _set_process_name(name: str) -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _send_quietly(sock: socket.socket, message: dict[str, Any]) -> None:
-    try:
-        sock.send(json.dumps(message).encode())
-    except OSError:
-        pass
-
-
-def _warm_up() -> None:
-    """Take now, while idle, the copy-on-write faults a new worker's start-up and first step
-    would take: run the step machinery and build a worker (then drop it)."""
-    worker.warm_up()
-    scratch = socket.socket(socket.AF_UNIX)
-    try:
-        rehearsal = worker.Worker(scratch)
-        os.close(rehearsal._fd_out)
-        os.close(rehearsal._fd_err)
-    finally:
-        scratch.close()
-
-
-def _reseed() -> None:
-    """Fresh random state per worker: ``random`` reseeds itself at fork, NumPy does not."""
-    numpy_random = sys.modules.get("numpy.random")
-    if numpy_random is not None:
-        numpy_random.seed()

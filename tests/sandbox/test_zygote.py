@@ -11,7 +11,7 @@ import pytest
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
-from coding_gym.sandbox import zygote
+from coding_gym.sandbox import zygote, zygote_loop
 from tests.helpers import descendant_pids
 
 
@@ -167,7 +167,7 @@ def test_the_zygote_and_its_spare_are_named():
         found = zygote.get()
         assert found is not None
         with open(f"/proc/{found.pid}/comm") as f:
-            assert f.read().strip() == zygote.ZYGOTE_NAME
+            assert f.read().strip() == zygote_loop.ZYGOTE_NAME
         assert _spare_of(found.pid) in descendant_pids_of(found.pid)
 
 
@@ -210,7 +210,7 @@ def _spare_of(zygote_pid: int) -> int:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         spares = [pid for pid in descendant_pids_of(zygote_pid)
-                  if _comm(pid) == zygote.SPARE_NAME]
+                  if _comm(pid) == zygote_loop.SPARE_NAME]
         if spares:
             return spares[0]
         time.sleep(0.01)
