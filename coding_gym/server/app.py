@@ -180,11 +180,10 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
         """Run ``action.code``: in a fresh interpreter, or in the session's."""
         if session_id is not None:
             session = find_session(session_id)
-            return await run(manager.call(session, session.step, body.action.code,
-                                          body.timeout_s))
+            return await run(manager.step(session, body.action.code, body.timeout_s))
         session = await open_session()
         try:
-            call = manager.call(session, session.step, body.action.code, body.timeout_s)
+            call = manager.step(session, body.action.code, body.timeout_s)
             return await run(_unless_disconnected(request, manager, session, call))
         except _ClientGone:
             return Response(status_code=499)

@@ -94,8 +94,8 @@ class Connection:
                 data = await self.manager.call(self.session, self.session.reset,
                                                message.data.seed, message.data.episode_id)
             else:
-                data = await self.manager.call(self.session, self.session.step,
-                                               message.data.code, message.timeout_s)
+                data = await self.manager.step(self.session, message.data.code,
+                                               message.timeout_s)
         except BackendError as e:
             return protocol.error_reply(f"the server could not run the request: {e}",
                                         protocol.EXECUTION_ERROR)

@@ -3,7 +3,8 @@
 A session is one client's episode: a WebSocket connection, an HTTP session
 (``POST /sessions``), or a single stateless HTTP step. Backend calls block, so they run in a
 thread pool with one thread per possible session; a session runs one call at a time, which
-keeps its steps in order and the pool never short of a thread.
+keeps its steps in order and the pool never short of a thread. Quick steps are the exception:
+their reply is read on the event loop (:mod:`coding_gym.server.stepping`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
 
 from coding_gym.backends.local import LocalBackend
-from coding_gym.models import Limits
+from coding_gym.models import ExecResult, Limits
+from coding_gym.server import stepping
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +79,15 @@ class Session:
         """Run ``code`` (starting an episode first if none has started); the step reply."""
         if self.episode_id is None:
             self.reset()
-        # A client may shorten the step's time limit, never lengthen it past the server's.
-        limit_s = self.limits.timeout_s if timeout_s is None else min(timeout_s,
-                                                                      self.limits.timeout_s)
-        result = self.backend.run(code, timeout_s=limit_s)
+        return self.record(self.backend.run(code, timeout_s=self.limit_s(timeout_s)))
+
+    def limit_s(self, timeout_s: float | None) -> float:
+        """The time limit of a step: a client may shorten the server's, never lengthen it."""
+        return self.limits.timeout_s if timeout_s is None else min(timeout_s,
+                                                                   self.limits.timeout_s)
+
+    def record(self, result: ExecResult) -> dict[str, Any]:
+        """Count a step of this episode; its reply."""
         self.step_count += 1
         self.last_exit_code = result.exit_code
         info = result.info()
@@ -186,11 +194,28 @@ class SessionManager:
 
     async def call(self, session: Session, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` (a blocking session method) in the pool, one call at a time."""
+        async with self._turn(session):
+            return await asyncio.get_running_loop().run_in_executor(self._pool,
+                                                                    partial(fn, *args))
+
+    async def step(self, session: Session, code: str,
+                   timeout_s: float | None = None) -> dict[str, Any]:
+        """:meth:`Session.step`, with the reply read on the event loop when it can be."""
+        async with self._turn(session):
+            backend = session.backend
+            if session.episode_id is None or not stepping.ready_on_loop(backend, code):
+                return await asyncio.get_running_loop().run_in_executor(
+                    self._pool, partial(session.step, code, timeout_s))
+            return session.record(await stepping.drive(backend, code,
+                                                       session.limit_s(timeout_s), self._pool))
+
+    @asynccontextmanager
+    async def _turn(self, session: Session) -> AsyncIterator[None]:
+        """The session's turn to run a call: one at a time, in order."""
         async with session.lock:
             session.busy = True
             try:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._pool, partial(fn, *args))
+                yield
             finally:
                 session.busy = False
                 session.last_active = time.monotonic()

@@ -1,0 +1,125 @@
+"""Steps driven from the event loop: a quick step's reply is read there, without a thread.
+
+Handing a step to a thread and back costs two wake-ups between threads, about as much as a
+short step itself (a ``print(1)`` takes about 100 µs). So the loop sends the code and waits
+for the worker with ``add_reader``. Only what cannot block is done there: reading a reply
+that is whole and alone on the socket, and the output the worker says it left in its pipes.
+Everything else goes to a thread, which drives the step to its end with
+:meth:`StepRun.wait` as before: output to drain while the step runs (after the quiet window
+of :data:`~coding_gym.sandbox.steps.QUIET_S`, as there), a worker that exited or sent
+anything but one result (the clean-up may wait for an exit status), the deadline, long code.
+The loop serves every session; a step must not hold it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from concurrent.futures import Executor
+
+from coding_gym.backends.local import LocalBackend
+from coding_gym.models import ExecResult
+from coding_gym.sandbox import protocol
+from coding_gym.sandbox.steps import QUIET_S, StepRun
+
+#: Longest code sent from the loop: it must fit the socket buffer (about 200 kB), or sending
+#: would wait for the worker to read. 4 bytes per character at most in UTF-8.
+LOOP_CODE_CHARS = 16 << 10
+#: Output the loop may read for one reply (the worker's count of bytes left in its pipes,
+#: which its code could forge); more than a pipe holds by default.
+_LOOP_DRAIN_BYTES = 1 << 20
+_RESULT_FRAME_BYTES = protocol.HEADER.size + 1 + protocol.RESULT.size
+
+
+def ready_on_loop(backend: LocalBackend, code: str) -> bool:
+    """True when a step of ``code`` can start from the loop without blocking it.
+
+    Its worker must be up and idle with nothing to say: a socket that is readable or closed,
+    or an exit status, would mean a step that ends in clean-up (and one that could wait).
+    """
+    if backend.transactional or len(code) > LOOP_CODE_CHARS or backend.worker_pid is None:
+        return False
+    # LocalBackend has no public accessor for its worker; worker_pid above says it is live.
+    worker = backend._episode.worker
+    assert worker is not None
+    quiet, _ = worker.pollers()
+    return not quiet.poll(0)
+
+
+async def drive(backend: LocalBackend, code: str, timeout_s: float,
+                executor: Executor) -> ExecResult:
+    """Run ``code`` on ``backend`` (see :func:`ready_on_loop`): the reply is read on the
+    loop if it comes whole and alone, before any output has to be drained; otherwise a
+    thread of ``executor`` finishes the step."""
+    step = backend.begin(code, timeout_s=timeout_s)
+    try:
+        if step.result is None and await _result_waiting(step):
+            step.on_event(step.worker.sock.fileno())
+    except asyncio.CancelledError:
+        backend.interrupt()  # nobody will read this step's reply: the next must not
+        raise
+    if step.result is None:
+        result = await asyncio.get_running_loop().run_in_executor(executor, step.wait)
+    else:
+        result = step.result
+    return backend.finish(step, result)
+
+
+async def _result_waiting(step: StepRun) -> bool:
+    """Wait for the worker on the loop; True if its socket then holds one result, False when
+    the step needs more than the loop does (its output to drain, its death, its deadline)."""
+    loop = asyncio.get_running_loop()
+    worker = step.worker
+    woken: asyncio.Future[bool] = loop.create_future()
+
+    def wake(replied: bool) -> None:
+        if not woken.done():
+            woken.set_result(replied)
+
+    sock_fd, exit_fd, output = worker.sock.fileno(), worker.exit_fd, (worker.out_fd,
+                                                                      worker.err_fd)
+
+    def watch_output() -> None:
+        # As StepRun.wait does: a quick step's output is read once, after its reply.
+        for fd in output:
+            loop.add_reader(fd, wake, False)
+
+    loop.add_reader(sock_fd, wake, True)
+    if exit_fd >= 0:
+        loop.add_reader(exit_fd, wake, False)
+    timers = [loop.call_later(QUIET_S, watch_output),
+              loop.call_later(step.deadline - time.monotonic(), wake, False)]
+    try:
+        if not await woken:
+            return False
+    finally:
+        for timer in timers:
+            timer.cancel()
+        for fd in (sock_fd, exit_fd, *output):
+            if fd >= 0:
+                loop.remove_reader(fd)
+    return _one_result(worker.sock)
+
+
+def _one_result(sock: socket.socket) -> bool:
+    """True if the socket holds exactly one result frame, with believable pipe counts.
+
+    Anything more or else (a message the step's code wrote itself, a partial frame, the
+    end of the stream) makes the step's handler clean up after a broken worker, which may
+    wait for its exit status: that is the thread's job.
+    """
+    try:
+        data = sock.recv(_RESULT_FRAME_BYTES + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:
+        return False
+    if len(data) != _RESULT_FRAME_BYTES:
+        return False
+    try:
+        messages = protocol.FrameReader().feed(data)
+    except protocol.ProtocolError:
+        return False
+    if len(messages) != 1 or messages[0].get("type") != "result":
+        return False
+    return all(type(n) is int and n <= _LOOP_DRAIN_BYTES
+               for n in (messages[0].get("out"), messages[0].get("err")))
