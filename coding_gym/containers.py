@@ -35,6 +35,10 @@ CONTAINER_PORT = 8000
 #: Labels naming the process that owns a container.
 OWNER_PID_LABEL = "coding-gym.owner-pid"
 OWNER_HOST_LABEL = "coding-gym.owner-host"
+#: What the server in a container keeps of root: switching each episode's worker to its own
+#: uid (SETUID, SETGID, CHOWN for its directory), killing those workers (KILL) and removing
+#: the files they leave (DAC_OVERRIDE).
+SERVER_CAPABILITIES = ("SETUID", "SETGID", "CHOWN", "KILL", "DAC_OVERRIDE")
 _LOG_LINES = 40
 
 
@@ -252,7 +256,13 @@ def _start(spec: ContainerSpec, startup_timeout_s: float) -> ServerContainer:
         # Loopback only, on a port the engine picks: nothing outside this host can connect.
         "ports": {f"{CONTAINER_PORT}/tcp": ("127.0.0.1", None)},
         "labels": {OWNER_PID_LABEL: str(os.getpid()), OWNER_HOST_LABEL: socket.gethostname()},
+        # Root inside, with only the capabilities that give each episode a uid of its own
+        # (and let the server signal and clean up after it): sessions sharing the container
+        # cannot signal, trace or read each other's workers. The image's default user
+        # would put every episode under one uid. Workers keep none of these.
+        "user": "0",
         "cap_drop": ["ALL"],
+        "cap_add": list(SERVER_CAPABILITIES),
         "security_opt": ["no-new-privileges"],
         # Agent code may write to its episode's directory under /tmp, never to the image: the
         # server's own files stay intact whatever a session does. The tmpfs counts against

@@ -14,7 +14,7 @@ from gymnasium.utils.env_checker import check_env
 
 import coding_gym  # noqa: F401 - registers CodingEnv-v0
 from coding_gym.backends.docker import DockerBackend
-from coding_gym.containers import OWNER_PID_LABEL
+from coding_gym.containers import OWNER_PID_LABEL, SERVER_CAPABILITIES
 from coding_gym.errors import BackendError
 from tests.docker_support import ROOT
 
@@ -85,6 +85,7 @@ def test_container_has_memory_and_process_limits(server_image, docker_client):
         assert host_config["Memory"] == 768 * 1024 * 1024
         assert host_config["PidsLimit"] == 200
         assert host_config["CapDrop"] == ["ALL"]
+        assert sorted(host_config["CapAdd"]) == sorted(SERVER_CAPABILITIES)
         assert host_config["ReadonlyRootfs"] is True
         backend.reset()
         result = backend.run("open('notes.txt', 'w').write('kept')\n"
@@ -107,6 +108,33 @@ def test_make_vec_shares_one_container(server_image, docker_client):
     finally:
         envs.close()
     assert not {c.id for c in own_containers(docker_client)} & started
+
+
+def test_sessions_sharing_a_container_cannot_touch_each_other(server_image):
+    """Each episode has a uid of its own in the container: one cannot kill the other's
+    worker nor read its memory, even where the container allows no namespaces."""
+    envs = gym.make_vec("CodingEnv-v0", num_envs=2, backend="docker", image=server_image,
+                        timeout_s=5.0)
+    try:
+        envs.reset(seed=0)
+        observations, *_ = envs.step(["import os\nprint(os.getpid(), os.getuid())"] * 2)
+        (pid_a, uid_a), (_, uid_b) = (map(int, out.split()) for out in observations["stdout"])
+        assert uid_a != uid_b and 0 not in (uid_a, uid_b)
+        attack = ("import os, signal\n"
+                  f"for action in (lambda: os.kill({pid_a}, signal.SIGKILL),\n"
+                  f"               lambda: open('/proc/{pid_a}/mem', 'rb').read(1),\n"
+                  f"               lambda: open('/proc/{pid_a}/environ', 'rb').read()):\n"
+                  "    try:\n"
+                  "        action()\n"
+                  "        print('allowed')\n"
+                  "    except OSError as e:\n"
+                  "        print(type(e).__name__)")
+        observations, *_ = envs.step(["x = 'intact'", attack])
+        assert observations["stdout"][1].split() == ["PermissionError"] * 3
+        observations, *_ = envs.step(["print(x)", "pass"])
+        assert observations["stdout"][0] == "intact\n"
+    finally:
+        envs.close()
 
 
 def test_container_killed_mid_episode_truncates_and_reset_starts_another(
