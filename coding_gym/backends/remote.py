@@ -15,9 +15,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
-from websockets.protocol import State
-from websockets.sync.client import ClientConnection, connect
 
+from coding_gym.backends.websocket_client import BlockingWebSocket
 from coding_gym.errors import BackendError, ServerError
 from coding_gym.models import KILL_REASONS, ExecResult, Limits
 
@@ -69,12 +68,12 @@ class ServerConnection:
         self.token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.connect_timeout_s = connect_timeout_s
         self.max_reply_bytes = max_reply_bytes
-        self._ws: ClientConnection | None = None
+        self._ws: BlockingWebSocket | None = None
 
     @property
     def connected(self) -> bool:
-        """True while the WebSocket is open (the server may have closed it since)."""
-        return self._ws is not None and self._ws.protocol.state is State.OPEN
+        """True while the WebSocket is open, as far as what the server sent so far says."""
+        return self._ws is not None and self._ws.open
 
     def open(self) -> None:
         """Open the WebSocket, unless it is open already."""
@@ -83,11 +82,9 @@ class ServerConnection:
         self.close()
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         try:
-            # Entered like a context manager (closed by close()): websockets >= 17 warns
-            # about connections opened otherwise.
-            self._ws = connect(self.url, additional_headers=headers,
-                               open_timeout=self.connect_timeout_s,
-                               max_size=self.max_reply_bytes, close_timeout=2).__enter__()
+            self._ws = BlockingWebSocket(self.url, headers=headers,
+                                         open_timeout_s=self.connect_timeout_s,
+                                         max_size=self.max_reply_bytes)
         except InvalidStatus as e:
             raise BackendError(
                 f"the server at {self.url} refused the WebSocket connection with HTTP "
@@ -105,7 +102,7 @@ class ServerConnection:
         assert self._ws is not None
         try:
             self._ws.send(json.dumps(message))
-            raw = self._ws.recv(timeout=timeout_s)
+            raw = self._ws.recv(timeout_s)
         except TimeoutError as e:
             self.close()
             raise BackendError(
@@ -117,6 +114,7 @@ class ServerConnection:
             # A server that turns a connection away says why first (CAPACITY_REACHED),
             # possibly before this request was even sent.
             last_words = _buffered_message(ws)
+            ws.close()
             if last_words is not None:
                 self._reply_data(last_words)
             raise BackendError(self._closed_message(e)) from e
@@ -165,10 +163,10 @@ class ServerConnection:
         ws.close()
 
 
-def _buffered_message(ws: ClientConnection) -> str | bytes | None:
+def _buffered_message(ws: BlockingWebSocket) -> str | bytes | None:
     """A message received before the connection closed and not yet read, if any."""
     try:
-        return ws.recv(timeout=0)
+        return ws.recv(0)
     except (ConnectionClosed, TimeoutError):
         return None
 
