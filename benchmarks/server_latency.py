@@ -165,7 +165,9 @@ async def _throughput(url: str, sessions: int, seconds: float) -> dict[str, Any]
 
     async def session(index: int) -> None:
         try:
-            async with connect(ws_url, max_size=None) as ws:
+            # Without compression, as RemoteBackend connects: inflating and deflating every
+            # message would weigh on the server's CPU, and on this client's.
+            async with connect(ws_url, max_size=None, compression=None) as ws:
                 await ws.send(json.dumps({"type": "reset"}))
                 await ws.recv()
                 await start.wait()
