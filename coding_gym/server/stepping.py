@@ -30,6 +30,8 @@ LOOP_CODE_CHARS = 16 << 10
 #: which its code could forge); more than a pipe holds by default.
 _LOOP_DRAIN_BYTES = 1 << 20
 _RESULT_FRAME_BYTES = protocol.HEADER.size + 1 + protocol.RESULT.size
+# An int: or-ing the flags at each call costs more than the peek itself (IntFlag arithmetic).
+_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 def ready_on_loop(backend: LocalBackend, code: str) -> bool:
@@ -103,23 +105,21 @@ async def _result_waiting(step: StepRun) -> bool:
 
 
 def _one_result(sock: socket.socket) -> bool:
-    """True if the socket holds exactly one result frame, with believable pipe counts.
+    """True if the socket holds exactly one (binary) result frame, with believable pipe
+    counts.
 
     Anything more or else (a message the step's code wrote itself, a partial frame, the
     end of the stream) makes the step's handler clean up after a broken worker, which may
     wait for its exit status: that is the thread's job.
     """
     try:
-        data = sock.recv(_RESULT_FRAME_BYTES + 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        data = sock.recv(_RESULT_FRAME_BYTES + 1, _PEEK)
     except OSError:
         return False
-    if len(data) != _RESULT_FRAME_BYTES:
+    if len(data) != _RESULT_FRAME_BYTES or data[protocol.HEADER.size:][:1] != b"r":
         return False
     try:
-        messages = protocol.FrameReader().feed(data)
-    except protocol.ProtocolError:
+        (message,) = protocol.FrameReader().feed(data)
+    except (protocol.ProtocolError, ValueError):
         return False
-    if len(messages) != 1 or messages[0].get("type") != "result":
-        return False
-    return all(type(n) is int and n <= _LOOP_DRAIN_BYTES
-               for n in (messages[0].get("out"), messages[0].get("err")))
+    return bool(message["out"] <= _LOOP_DRAIN_BYTES and message["err"] <= _LOOP_DRAIN_BYTES)

@@ -102,6 +102,7 @@ def result_frame(out: int = 0, err: int = 0) -> bytes:
     (result_frame() + b"x", False),  # more than one frame: the step's code wrote to the socket
     (result_frame()[:-1], False),  # not whole yet
     (protocol.encode({"type": "result", "exit_code": 0}), False),
+    (protocol.encode({"type": "result", "out": "aaaa"}), False),  # JSON, of a result's size
     (result_frame(out=1 << 30), False),  # an output count no pipe holds
     (b"", False),
 ])
