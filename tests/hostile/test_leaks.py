@@ -57,14 +57,14 @@ def count() -> Counts:
     )
 
 
-def settled(expected: Counts, timeout_s: float = 15.0) -> Counts:
-    """Counts once the last episode's processes have gone (their exits are asynchronous)."""
+def settled(env: CodingEnv, timeout_s: float = 15.0) -> Counts:
+    """Counts once only the live worker is left: the exits of the ones before it, and of
+    what they started, are asynchronous."""
+    live = {env.unwrapped.backend.worker_pid}
     deadline = time.monotonic() + timeout_s
-    while True:
-        now = count()
-        if now.processes <= expected.processes or time.monotonic() > deadline:
-            return now
+    while descendant_pids() - live and time.monotonic() < deadline:
         time.sleep(0.05)
+    return count()
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_a_thousand_resets_leave_nothing_behind():
         for _ in range(20):  # warm up: the zygote, imports, allocator pools
             env.reset()
             env.step("x = 1")
-        before = settled(count())
+        before = settled(env)
         workdirs = set()
         for episode in range(RESETS):
             env.reset()
@@ -83,7 +83,7 @@ def test_a_thousand_resets_leave_nothing_behind():
                 else "x = sum(range(100))"
             env.step(code)
         env.reset()
-        after = settled(before)
+        after = settled(env)
     assert after.processes == before.processes, (before, after)
     assert after.fds == before.fds, (before, after)
     assert after.cgroups == before.cgroups, (before, after)
