@@ -234,7 +234,9 @@ def session_loop(index: int, url: str, until: float, seed: int, hostile: list[st
                 tally.error(f"session {index}: infrastructure error on {label!r}: "
                             f"{info.get('infra_error')}")
             if elapsed > TIMEOUT_S + SLACK_S:
-                tally.error(f"session {index}: {label!r} took {elapsed:.2f} s")
+                # The server's own measure of the step tells a slow sandbox from queueing.
+                tally.error(f"session {index}: {label!r} took {elapsed:.2f} s (in the sandbox "
+                            f"{info.get('wall_time_s', '?')} s)")
             if expected is not None and observation["stdout"] != expected:
                 tally.error(f"session {index}: {label!r} printed "
                             f"{observation['stdout'][:80]!r} (exit {observation['exit_code']}, "
