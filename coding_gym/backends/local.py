@@ -274,9 +274,8 @@ class LocalBackend:
 
         Files of the working directory are not part of it: the restored interpreter sees the
         directory as it is then. Threads and child processes of the agent's code are not
-        copied either. A snapshot is a frozen process sharing memory copy-on-write (two
-        once restored: it keeps one forked ahead for the next restore); with the user
-        isolation layer these count against ``Limits.max_processes`` of the episode's uid.
+        copied either. A snapshot is a frozen process sharing memory copy-on-write; with the
+        user isolation layer it counts against ``Limits.max_processes`` of the episode's uid.
         """
         worker = self._live_worker()
         episode = self._episode

@@ -8,38 +8,49 @@ copy-on-write.
   when the parent closes that end, also when the parent's process dies.
 - Each time the parent wakes it, sending a control socket and two output pipes, it forks a new
   live worker that talks over them. One copy can be restored any number of times.
-- Copies leave the worker's process tree, which the parent kills as a whole: a double fork
-  with the child-subreaper flag off hands them to the worker's own subreaper ancestor (the
-  zygote, which reaps them and reports their exit status) or to init.
+- Copies leave the process tree of the worker, which the parent kills as a whole. They are
+  forked *beside* the process they copy (``clone`` with ``CLONE_PARENT``): children of its
+  parent, the zygote, which reaps them and reports their exit status like those of the workers
+  it forks itself. One fork, and nothing to wait for.
 
-Two forks are costly, so neither waits on the other where it need not: a snapshot replies as
-soon as the first fork exists (the intermediate makes the copy while the worker carries on, and
-the worker reaps it before its next command), and once woken, a frozen copy keeps one
-intermediate forked ahead, so the wake-ups after the first cost a single fork. (Not before
-the first: the parent moves the copy into its parking cgroup only then, and an intermediate
-forked earlier would be left in the cgroup of the worker, and killed with it.)
+Where a copy cannot be forked beside, a double fork does the same for the cost of two forks,
+the second one waited for: with the child-subreaper flag off until the intermediate has
+exited, its orphan skips this process on the way up to the zygote (or to init). That is the
+way for a worker the env spawned (its parent is the env's process, which reaps only the
+workers it started), for a worker running threads (only the C library's ``fork`` leaves
+locks held by other threads, malloc's among them, usable in the child) and where ``clone``
+fails or its number is not known.
 """
 
 from __future__ import annotations
 
 import _signal
+import ctypes
 import fcntl
 import os
+import platform
 import signal
 import socket
+import struct
 import sys
 from typing import TYPE_CHECKING, Any
 
 from coding_gym.sandbox import isolation
+from coding_gym.sandbox.libc import libc
 from coding_gym.sandbox.protocol import Channel
 
 _SAFE_FD_BASE = 100
 _PR_SET_CHILD_SUBREAPER = 36
+_CLONE_PARENT = 0x00008000
+#: clone's number on the architectures where its first argument is the flags.
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220}.get(platform.machine())
+_UCRED = struct.Struct("3i")
 _SIGCHLD = int(signal.SIGCHLD)
 _SIG_DFL = int(signal.SIG_DFL)
 _set_handler = _signal.signal
 _fork = os.fork
 _exit = os._exit
+_listdir = os.listdir
 
 
 class Copies:
@@ -65,9 +76,10 @@ class Copies:
         """Leave a frozen copy behind: the parent's end of its wake-up socket, -1 on failure
         (``copy_error`` says why), or None in a new worker woken from the copy.
 
-        ``reusable`` (a snapshot the parent keeps, perhaps for many restores): return while
-        the copy is still in the making. Otherwise (the copy of a transactional step) the
-        copy is made before agent code runs again, with this worker a subreaper all along.
+        ``reusable`` (a snapshot the parent keeps, perhaps for many restores): where the copy
+        takes a double fork, return while it is still in the making. Otherwise (the copy of a
+        transactional step) it is made before agent code runs again, with this worker a
+        subreaper all along.
         """
         self.copy_error = ""
         self._flush()  # nothing buffered may be written twice
@@ -75,7 +87,7 @@ class Copies:
         # The parent learns the copy's pid from the kernel, not from what the copy says.
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         try:
-            in_copy = self._detached_fork(wait=not reusable)
+            in_copy = self._detached_fork(wait=not reusable, beside=self._parent_reaps())
         except OSError as e:
             mine.close()
             theirs.close()
@@ -93,7 +105,7 @@ class Copies:
         self.copy_error = ""
         self._flush()
         try:
-            in_copy = self._detached_fork(wait=True)
+            in_copy = self._detached_fork(wait=True, beside=self._parent_reaps())
         except OSError as e:
             self.copy_error = f"could not fork the interpreter: {e}"
             return False
@@ -103,7 +115,7 @@ class Copies:
         return in_copy
 
     def settle(self) -> None:
-        """Reap the intermediate of the last snapshot, and become a subreaper again."""
+        """Reap the intermediate of the last double fork, and become a subreaper again."""
         if self._intermediate:
             pid, self._intermediate = self._intermediate, 0
             subreaper, sigchld = self._after_intermediate
@@ -130,94 +142,75 @@ class Copies:
         self._subreaper = isolation.become_subreaper()
         self._send_ready()
 
+    def _parent_reaps(self) -> bool:
+        """Whether our parent reaps children it did not start, so that a copy may be its child:
+        the zygote and init do; the env's process, which spawned this worker, does not."""
+        try:
+            peer = self.channel.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                _UCRED.size)
+        except OSError:
+            return False
+        return _UCRED.unpack(peer)[0] != os.getppid()
+
     def _freeze(self, wake: Channel) -> None:
         """Wait, holding the interpreter as it was; fork a new worker each time the parent
         asks. Returns only in such a new worker; exits when the parent lets go."""
-        self.channel.close()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):
-            os.dup2(devnull, fd)
-        for fd in (devnull, self._fd_out, self._fd_err):
-            os.close(fd)
-        # The agent's SIGCHLD handler must not run here; the woken workers get it back.
-        sigchld = _set_handler(_SIGCHLD, _SIG_DFL)
-        state = (_random_state(), sigchld)
         try:
+            # First thing: a restore waits for this to move the copy out of the worker's cgroup.
             wake.send({"type": "frozen", "pid": os.getpid()})
-            spare: tuple[int, socket.socket] | None = None
+            self.channel.close()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            for fd in (1, 2):
+                os.dup2(devnull, fd)
+            for fd in (devnull, self._fd_out, self._fd_err):
+                os.close(fd)
+            # The agent's SIGCHLD handler must not run here; the woken workers get it back.
+            sigchld = _set_handler(_SIGCHLD, _SIG_DFL)
             while True:
                 request, fds = wake.recv()
                 if request is None:
                     _exit(0)
-                if request.get("cmd") == "wake" and len(fds) == 3:
-                    if spare is None:
-                        made = self._spare(wake, state, fds)
-                        if made is True:
-                            return  # in a new worker
-                        spare = made or None
-                    if spare is not None:
-                        pid, sock = spare
-                        try:
-                            socket.send_fds(sock, [b"w"], fds)
-                        except OSError:
-                            pass  # the parent sees the control socket close, no worker
-                        sock.close()
-                        for fd in fds:
-                            os.close(fd)
-                        fds = []
-                        os.waitpid(pid, 0)
-                    made = self._spare(wake, state, fds)  # for the next wake-up
-                    if made is True:
-                        return
-                    spare = made or None
+                if request.get("cmd") == "wake" and len(fds) == 3 and self._fork_worker():
+                    wake.close()
+                    _restore_handler(_SIGCHLD, sigchld)
+                    self.take_channels(fds)
+                    return
                 for fd in fds:
                     os.close(fd)
         except BaseException:  # noqa: BLE001 - a frozen copy never returns by accident
             _exit(1)
 
-    def _spare(self, wake: Channel, state: tuple[Any, Any], inherited: list[int]
-               ) -> tuple[int, socket.socket] | bool | None:
-        """Fork the intermediate that will fork the next woken worker: (its pid, a socket to
-        it) in the frozen copy; True in the woken worker; None if the fork failed.
-
-        ``inherited``: fds the frozen copy holds that the intermediate must not keep.
-        """
-        ours, theirs = socket.socketpair()
+    def _fork_worker(self) -> bool:
+        """Fork the next woken worker: True in it. A frozen copy's parent is the zygote (or
+        init), which reaps what is forked beside the copy."""
         try:
-            pid = _fork()
+            return self._detached_fork(wait=True, beside=True)
         except OSError:
-            ours.close()
-            theirs.close()
-            return None
-        if pid:
-            theirs.close()
-            return pid, ours
-        try:
-            for fd in inherited:
-                os.close(fd)
-            ours.close()
-            wake.close()
-            _, fds, _, _ = socket.recv_fds(theirs, 16, 3)
-            if len(fds) != 3 or _fork():
-                _exit(0)
-            theirs.close()
-            os.setsid()
-            random_state, sigchld = state
-            _set_random_state(random_state)
-            _restore_handler(_SIGCHLD, sigchld)
-            self.take_channels(fds)
-        except BaseException:  # noqa: BLE001 - never return into the loop from here
-            _exit(1)
-        return True
+            return False  # the parent sees the control socket close: no worker
 
-    def _detached_fork(self, wait: bool) -> bool:
+    def _detached_fork(self, wait: bool, beside: bool) -> bool:
         """Fork a copy of this interpreter that is not our child: True in the copy.
 
-        With the subreaper flag off until the intermediate has exited, its orphan skips this
-        process on the way up. Without ``wait`` that happens later, in :meth:`settle`.
+        ``beside``: our parent may be the copy's. Otherwise, or where that fails, a double
+        fork, whose intermediate is waited for now with ``wait``, else in :meth:`settle`.
         """
         self.settle()
         random_state = _random_state()
+        pid = _fork_beside() if beside else None
+        if pid is None:
+            pid = self._fork_intermediate(wait)
+        if pid == 0:
+            try:
+                os.setsid()
+                _set_random_state(random_state)
+            except BaseException:  # noqa: BLE001 - never return into the loop from here
+                _exit(1)
+            self._subreaper = False  # not inherited across fork
+            return True
+        return False
+
+    def _fork_intermediate(self, wait: bool) -> int:
+        """The double fork: 0 in the copy, else the intermediate's pid."""
         # waitpid needs the default disposition: with SIGCHLD ignored (agent code may have
         # done so) it would wait for every child instead.
         sigchld = _set_handler(_SIGCHLD, _SIG_DFL)
@@ -235,17 +228,14 @@ class Copies:
             try:
                 if _fork():
                     _exit(0)
-                os.setsid()
-                _set_random_state(random_state)
                 _restore_handler(_SIGCHLD, sigchld)
             except BaseException:  # noqa: BLE001 - never return into the loop from here
                 _exit(1)
-            self._subreaper = False  # not inherited across fork
-            return True
+            return 0
         self._intermediate, self._after_intermediate = pid, (subreaper, sigchld)
         if wait:
             self.settle()
-        return False
+        return pid
 
 
 def _random_state() -> Any:
@@ -266,16 +256,64 @@ def _restore_handler(signum: int, handler: Any) -> None:
         _set_handler(signum, handler)
 
 
-_libc_prctl: Any = None
+class _Clone:
+    """``clone`` through the C library's ``syscall``, between the interpreter's own before-
+    and after-fork steps, as ``os.fork`` calls fork (at-fork hooks, import lock, GIL, thread
+    states).
+
+    Called with the GIL held (``PyDLL``), as ``os.fork`` calls fork: the child inherits a
+    lock it holds, which ``PyOS_AfterFork_Child`` makes anew. Left out are the C library's
+    own steps: the locks it takes so that other threads leave them usable (hence one thread
+    only), its ``pthread_atfork`` handlers, and the thread id it caches, which keeps the
+    parent's value (the C library asks the kernel instead where a thread acts on itself).
+    """
+
+    def __init__(self) -> None:
+        python = ctypes.PyDLL(None, use_errno=True)
+        self.syscall = python.syscall
+        self.syscall.restype = ctypes.c_long
+        self.syscall.argtypes = [ctypes.c_long] * 6
+        self.before = python.PyOS_BeforeFork
+        self.after_in_parent = python.PyOS_AfterFork_Parent
+        self.after_in_child = python.PyOS_AfterFork_Child
+        for function in (self.before, self.after_in_parent, self.after_in_child):
+            function.restype = None
+            function.argtypes = []
+
+    def fork(self, flags: int) -> int:
+        """``os.fork`` with these clone ``flags``: 0 in the child, its pid in the parent."""
+        self.before()
+        pid = self.syscall(_SYS_CLONE, flags | _SIGCHLD, 0, 0, 0, 0)
+        if pid == 0:
+            self.after_in_child()
+            return 0
+        number = ctypes.get_errno()
+        self.after_in_parent()
+        if pid < 0:
+            raise OSError(number, f"clone: {os.strerror(number)}")
+        return pid
+
+
+_clone: _Clone | None = None
+
+
+def _fork_beside() -> int | None:
+    """Fork a child of our own parent (0 in it, else its pid); None where that cannot be done."""
+    global _clone
+    if _SYS_CLONE is None:
+        return None
+    try:
+        if len(_listdir("/proc/self/task")) != 1:
+            return None
+        if _clone is None:
+            _clone = _Clone()
+        return _clone.fork(_CLONE_PARENT)
+    except (OSError, AttributeError):
+        return None
 
 
 def _set_subreaper(on: bool) -> None:
-    global _libc_prctl
     try:
-        if _libc_prctl is None:
-            import ctypes
-
-            _libc_prctl = ctypes.CDLL(None, use_errno=True).prctl
-        _libc_prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+        libc().prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
     except (OSError, AttributeError):
         pass

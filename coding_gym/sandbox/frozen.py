@@ -1,6 +1,6 @@
 """``FrozenCopy``: the parent's handle on a frozen copy of a worker's interpreter.
 
-A worker makes a frozen copy by forking (see ``worker.py``): the copy waits on a socket whose
+A worker makes a frozen copy by forking (see ``copies.py``): the copy waits on a socket whose
 other end it hands to the parent. Each wake-up on that socket makes the copy fork a new live
 worker that talks over the fds sent along, so one copy can be restored any number of times.
 The copy exits as soon as the parent closes its end (also when the parent's process dies), and
