@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 from coding_gym.errors import BackendError, SnapshotError, WorkerStartError
@@ -292,12 +292,15 @@ class LocalBackend:
         if snapshot.released:
             raise SnapshotError("this snapshot was released; take a new one with snapshot()")
         episode = self._episode
-        episode.release_interpreter()  # parks the copies it made, this one among them
-        episode.home = snapshot.home.share()
         if not snapshot.copy.park(self._parking()):
             raise SnapshotError("could not restore the snapshot: its frozen process is gone")
+
+        def replace_interpreter() -> None:
+            episode.release_interpreter()  # parks the other copies it made
+            episode.home = snapshot.home.share()
+
         try:
-            episode.worker = self._wake(snapshot.copy)
+            episode.worker = self._wake(snapshot.copy, meanwhile=replace_interpreter)
         except WorkerStartError as e:
             raise SnapshotError(f"could not restore the snapshot: {e}") from e
 
@@ -376,8 +379,10 @@ class LocalBackend:
         self._note_isolation(worker)
         return worker
 
-    def _wake(self, copy: FrozenCopy) -> WorkerProcess:
-        worker = WorkerProcess.wake(copy, cgroup=self._cgroup(), zygote=self._zygote())
+    def _wake(self, copy: FrozenCopy, meanwhile: Callable[[], None] | None = None
+              ) -> WorkerProcess:
+        worker = WorkerProcess.wake(copy, cgroup=self._cgroup(), zygote=self._zygote(),
+                                    meanwhile=meanwhile)
         self._note_isolation(worker)
         return worker
 

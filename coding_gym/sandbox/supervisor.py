@@ -22,7 +22,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from coding_gym.errors import SnapshotError, WorkerStartError
@@ -255,9 +255,14 @@ class WorkerProcess:
         return worker
 
     @classmethod
-    def wake(cls, copy: FrozenCopy, *, cgroup: Cgroup | None,
-             zygote: Zygote | None) -> WorkerProcess:
-        """A new worker forked from a (parked) frozen copy, in ``cgroup``."""
+    def wake(cls, copy: FrozenCopy, *, cgroup: Cgroup | None, zygote: Zygote | None,
+             meanwhile: Callable[[], None] | None = None) -> WorkerProcess:
+        """A new worker forked from a (parked) frozen copy, in ``cgroup``.
+
+        ``meanwhile`` runs while the copy forks (also if it cannot be asked to): the worker
+        being replaced is killed there, cgroup included, for the new one enters ``cgroup``
+        only once it is ready.
+        """
         channels = _Channels()
         try:
             copy.wake(channels.child_fds())
@@ -266,6 +271,8 @@ class WorkerProcess:
             raise
         finally:
             channels.close_child_ends()
+            if meanwhile is not None:
+                meanwhile()
         return cls._adopt(channels, cgroup, zygote, "the frozen copy")
 
     def fork(self, *, cgroup: Cgroup | None) -> WorkerProcess:
