@@ -372,10 +372,12 @@ class LocalBackend:
     def _start_worker(self) -> WorkerProcess:
         home = self._episode.home
         assert home is not None
+        forker = self._zygote()
         config = isolation.worker_config(self.isolation.layers(), vars(self.limits), home.path,
-                                         uid=home.uid, strict=self.isolation.strict)
+                                         uid=home.uid, strict=self.isolation.strict,
+                                         forked_by=forker.pid if forker is not None else None)
         worker = WorkerProcess.start(config, isolation.worker_environment(home.path),
-                                     cgroup=self._cgroup(), zygote=self._zygote())
+                                     cgroup=self._cgroup(), zygote=forker)
         self._note_isolation(worker)
         return worker
 

@@ -74,12 +74,15 @@ def worker_environment(workdir: str) -> dict[str, str]:
 
 
 def worker_config(layers: Mapping[str, bool], limits: Mapping[str, Any], workdir: str, *,
-                  uid: int | None = None, strict: bool = False) -> dict[str, Any]:
+                  uid: int | None = None, strict: bool = False,
+                  forked_by: int | None = None) -> dict[str, Any]:
     """What the parent sends to :func:`apply`: layers on/off, limits, directory, leased uid.
 
     The seccomp filter is compiled here, once per parent process, and travels in the config:
     compiling costs milliseconds, loading a compiled program a few microseconds. It refuses
-    signals to this process and its ancestors, which are the worker's ancestors too.
+    signals to this process and its ancestors, which are the worker's ancestors too, and to
+    ``forked_by``, the zygote that will be the worker's parent: a worker that shares its uid
+    could otherwise kill the zygote, and with it every episode's exit reports.
 
     Args:
         layers: Layer name -> on, as :meth:`coding_gym.models.Isolation.layers` gives it.
@@ -87,6 +90,7 @@ def worker_config(layers: Mapping[str, bool], limits: Mapping[str, Any], workdir
         workdir: The episode's directory (it must exist).
         uid: The uid leased for the episode (:class:`uids.UidLease`), or None without one.
         strict: Make :func:`apply` raise when a layer that is on cannot be applied.
+        forked_by: The pid of the zygote that forks the worker, if one does.
     """
     on = {name: bool(layers.get(name, True)) for name in WORKER_LAYERS}
     config: dict[str, Any] = {
@@ -101,7 +105,8 @@ def worker_config(layers: Mapping[str, bool], limits: Mapping[str, Any], workdir
         config["uid_error"] = _give_workdir(config["workdir"], uid)
     if on["seccomp"]:
         try:
-            protected = (os.getpid(), *seccomp.protected_pids())
+            protected = (os.getpid(), *seccomp.protected_pids(),
+                         *(() if forked_by is None else (forked_by,)))
             program = seccomp.compile_filter(on["network"], protected)
             config["seccomp"] = {"program": base64.b64encode(program).decode("ascii")}
         except OSError as e:

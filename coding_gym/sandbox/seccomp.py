@@ -7,8 +7,9 @@ sockets behind the filter's back), module loading, kexec, reboot, clock setting 
 more. Denied calls fail with EPERM, so agent code gets a plain ``PermissionError``. Calls of
 another architecture (32-bit ``int 0x80`` on x86-64) kill the process.
 
-Signals to the worker's ancestors (and ``kill(-1, ...)``) are refused too: when the worker
-keeps the caller's uid, that is what stops it from killing the process that runs the env.
+Signals to the worker's ancestors and its zygote (and ``kill(-1, ...)``) are refused too: when
+the worker keeps the caller's uid, that is what stops it from killing the process that runs
+the env, or the zygote every episode of that process depends on.
 
 Compiling takes about 1 ms and needs libseccomp; loading the compiled program needs neither.
 :func:`compile_filter` caches the program per process, so a parent that forks workers compiles

@@ -240,3 +240,19 @@ def test_each_worker_gets_the_namespaces_its_isolation_asks_for():
         if wants_net:
             assert net not in seen  # a namespace of its own, never one of another worker
             seen.add(net)
+
+
+def test_a_worker_of_the_same_uid_cannot_kill_its_zygote():
+    """Without the user layer the worker could signal its parent, the zygote every episode
+    of the process depends on; the seccomp filter refuses it."""
+    with _backend(isolation={"user": False}) as backend:
+        found = zygote.get()
+        assert found is not None
+        result = backend.run("import os, signal\n"
+                             "try:\n"
+                             "    os.kill(os.getppid(), signal.SIGKILL)\n"
+                             "except OSError as e:\n"
+                             "    print(type(e).__name__)")
+        assert result.stdout == "PermissionError\n"
+        assert found.alive and zygote.get() is found
+        assert backend.run("print('still here')").stdout == "still here\n"
