@@ -6,8 +6,10 @@ copy-on-write.
 
 - A *frozen copy* (a snapshot) waits on a socket whose other end the parent holds. It exits
   when the parent closes that end, also when the parent's process dies.
-- Each time the parent wakes it, sending a control socket and two output pipes, it forks a new
-  live worker that talks over them. One copy can be restored any number of times.
+- When the parent wakes it, sending a control socket and two output pipes, it becomes the live
+  worker that talks over them, after forking its successor, the frozen copy that waits on the
+  socket in its place. So a snapshot can be restored any number of times, and a restore does
+  not wait for a new process to start.
 - Copies leave the process tree of the worker, which the parent kills as a whole. They are
   forked *beside* the process they copy (``clone`` with ``CLONE_PARENT``): children of its
   parent, the zygote, which reaps them and reports their exit status like those of the workers
@@ -153,55 +155,83 @@ class Copies:
         return _UCRED.unpack(peer)[0] != os.getppid()
 
     def _freeze(self, wake: Channel) -> None:
-        """Wait, holding the interpreter as it was; fork a new worker each time the parent
-        asks. Returns only in such a new worker; exits when the parent lets go."""
+        """Hold the interpreter as it is until the parent wakes the copy, then become the
+        worker it asks for. Returns only in that worker; exits when the parent lets go.
+
+        Woken to be restored again later, the copy first forks its *successor*, which freezes
+        in its place (on the same socket, introducing itself again), then it serves: the new
+        worker does not wait for a new process to start, only for its successor to leave its
+        process group, the first thing the successor does (the parent kills a worker's group,
+        and agent code may too). A fork that fails ends the snapshot.
+        """
         try:
-            # First thing: a restore waits for this to move the copy out of the worker's cgroup.
-            wake.send({"type": "frozen", "pid": os.getpid()})
-            self.channel.close()
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            for fd in (1, 2):
-                os.dup2(devnull, fd)
-            for fd in (devnull, self._fd_out, self._fd_err):
-                os.close(fd)
-            # The agent's SIGCHLD handler must not run here; the woken workers get it back.
-            sigchld = _set_handler(_SIGCHLD, _SIG_DFL)
+            self._introduce(wake)  # first: a restore waits for it
+            sigchld = self._go_quiet()
             while True:
                 request, fds = wake.recv()
                 if request is None:
                     _exit(0)
-                if request.get("cmd") == "wake" and len(fds) == 3 and self._fork_worker():
-                    wake.close()
-                    _restore_handler(_SIGCHLD, sigchld)
-                    self.take_channels(fds)
-                    return
+                if request.get("cmd") != "wake" or len(fds) != 3:
+                    for fd in fds:
+                        os.close(fd)
+                    continue
+                if not request.get("again"):
+                    break
+                gone, leaving = os.pipe()
+                if not self._fork_successor(leaving):
+                    os.close(leaving)
+                    os.read(gone, 1)  # nothing to read: returns once the successor closed it
+                    os.close(gone)
+                    break
+                os.close(gone)  # the successor: frozen like its predecessor, but for these fds
                 for fd in fds:
                     os.close(fd)
+                self._introduce(wake)
         except BaseException:  # noqa: BLE001 - a frozen copy never returns by accident
             _exit(1)
+        wake.close()  # the successor's now, if there is one
+        _restore_handler(_SIGCHLD, sigchld)
+        self.take_channels(fds)
 
-    def _fork_worker(self) -> bool:
-        """Fork the next woken worker: True in it. A frozen copy's parent is the zygote (or
-        init), which reaps what is forked beside the copy."""
+    @staticmethod
+    def _introduce(wake: Channel) -> None:
+        """Say the copy exists; the parent takes its pid from the kernel, with the message."""
+        wake.send({"type": "frozen", "pid": os.getpid()})
+
+    def _go_quiet(self) -> Any:
+        """Let go of the worker's channels; return the agent's SIGCHLD handler, which must
+        not run while the copy is frozen (its workers get it back)."""
+        self.channel.close()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        for fd in (devnull, self._fd_out, self._fd_err):
+            os.close(fd)
+        return _set_handler(_SIGCHLD, _SIG_DFL)
+
+    def _fork_successor(self, leaving: int) -> bool:
+        """Fork the next frozen copy: True in it, where ``leaving`` is closed once it has
+        left our process group. This copy's parent is the zygote (or init), which reaps what
+        is forked beside the copy."""
         try:
-            return self._detached_fork(wait=True, beside=True)
+            return self._detached_fork(wait=True, beside=True, leaving=leaving)
         except OSError:
-            return False  # the parent sees the control socket close: no worker
+            return False
 
-    def _detached_fork(self, wait: bool, beside: bool) -> bool:
-        """Fork a copy of this interpreter that is not our child: True in the copy.
+    def _detached_fork(self, wait: bool, beside: bool, leaving: int = -1) -> bool:
+        """Fork a copy of this interpreter that is not our child: True in the copy, which
+        starts a new session first thing, then closes ``leaving`` (if given).
 
         ``beside``: our parent may be the copy's. Otherwise, or where that fails, a double
         fork, whose intermediate is waited for now with ``wait``, else in :meth:`settle`.
         """
         self.settle()
         random_state = _random_state()
-        pid = _fork_beside() if beside else None
+        pid = _fork_beside(leaving) if beside else None
         if pid is None:
-            pid = self._fork_intermediate(wait)
+            pid = self._fork_intermediate(wait, leaving)
         if pid == 0:
             try:
-                os.setsid()
                 _set_random_state(random_state)
             except BaseException:  # noqa: BLE001 - never return into the loop from here
                 _exit(1)
@@ -209,7 +239,7 @@ class Copies:
             return True
         return False
 
-    def _fork_intermediate(self, wait: bool) -> int:
+    def _fork_intermediate(self, wait: bool, leaving: int) -> int:
         """The double fork: 0 in the copy, else the intermediate's pid."""
         # waitpid needs the default disposition: with SIGCHLD ignored (agent code may have
         # done so) it would wait for every child instead.
@@ -228,6 +258,9 @@ class Copies:
             try:
                 if _fork():
                     _exit(0)
+                os.setsid()
+                if leaving >= 0:
+                    os.close(leaving)
                 _restore_handler(_SIGCHLD, sigchld)
             except BaseException:  # noqa: BLE001 - never return into the loop from here
                 _exit(1)
@@ -273,6 +306,9 @@ class _Clone:
         self.syscall = python.syscall
         self.syscall.restype = ctypes.c_long
         self.syscall.argtypes = [ctypes.c_long] * 6
+        self.setsid = python.setsid
+        self.close = python.close
+        self.close.argtypes = [ctypes.c_int]
         self.before = python.PyOS_BeforeFork
         self.after_in_parent = python.PyOS_AfterFork_Parent
         self.after_in_child = python.PyOS_AfterFork_Child
@@ -280,11 +316,18 @@ class _Clone:
             function.restype = None
             function.argtypes = []
 
-    def fork(self, flags: int) -> int:
-        """``os.fork`` with these clone ``flags``: 0 in the child, its pid in the parent."""
+    def fork(self, flags: int, leaving: int) -> int:
+        """``os.fork`` with these clone ``flags``: 0 in the child, its pid in the parent.
+
+        The child starts a new session before the interpreter's after-fork steps, whose
+        copy-on-write faults take a while, then closes ``leaving`` (if not -1).
+        """
         self.before()
         pid = self.syscall(_SYS_CLONE, flags | _SIGCHLD, 0, 0, 0, 0)
         if pid == 0:
+            self.setsid()
+            if leaving >= 0:
+                self.close(leaving)
             self.after_in_child()
             return 0
         number = ctypes.get_errno()
@@ -297,8 +340,9 @@ class _Clone:
 _clone: _Clone | None = None
 
 
-def _fork_beside() -> int | None:
-    """Fork a child of our own parent (0 in it, else its pid); None where that cannot be done."""
+def _fork_beside(leaving: int = -1) -> int | None:
+    """Fork a child of our own parent (0 in it, else its pid), in a new session, closing
+    ``leaving`` once there; None where that cannot be done."""
     global _clone
     if _SYS_CLONE is None:
         return None
@@ -307,7 +351,7 @@ def _fork_beside() -> int | None:
             return None
         if _clone is None:
             _clone = _Clone()
-        return _clone.fork(_CLONE_PARENT)
+        return _clone.fork(_CLONE_PARENT, leaving)
     except (OSError, AttributeError):
         return None
 

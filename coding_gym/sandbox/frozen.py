@@ -1,14 +1,17 @@
 """``FrozenCopy``: the parent's handle on a frozen copy of a worker's interpreter.
 
 A worker makes a frozen copy by forking (see ``copies.py``): the copy waits on a socket whose
-other end it hands to the parent. Each wake-up on that socket makes the copy fork a new live
-worker that talks over the fds sent along, so one copy can be restored any number of times.
-The copy exits as soon as the parent closes its end (also when the parent's process dies), and
-is killed through its pidfd on :meth:`release` in case it was stopped.
+other end it hands to the parent. A wake-up on that socket turns the copy into a new live
+worker that talks over the fds sent along; to be restored again, it first forks a successor,
+which waits on the same socket and introduces itself in turn. So one handle serves any number
+of restores, each time through the process that froze last. That process exits as soon as
+the parent closes its end (also when the parent's process dies), and is killed through its
+pidfd on :meth:`release` in case it was stopped.
 
 Copies are moved into a *parking* cgroup: the worker's own cgroup is killed as a whole when
-the worker is, and the copies must survive that. Nothing the copy says is trusted for its
-identity: its pid comes from the kernel (``SCM_CREDENTIALS``).
+the worker is, and the copies must survive that. A successor is born there, forked by its
+predecessor before the woken worker leaves for the worker's cgroup. Nothing the copy says is
+trusted for its identity: its pid comes from the kernel (``SCM_CREDENTIALS``).
 """
 
 from __future__ import annotations
@@ -40,28 +43,27 @@ class FrozenCopy:
     It is born in the worker's cgroup: :meth:`park` it before that cgroup is next killed.
     """
 
-    def __init__(self, wake_fd: int) -> None:
+    def __init__(self, wake_fd: int, reusable: bool = False) -> None:
         self.sock = socket.socket(fileno=wake_fd)
+        #: Restored any number of times (a snapshot), not once at most (a transactional
+        #: step's copy, which leaves no successor).
+        self.reusable = reusable
+        #: The frozen process, once it has introduced itself.
         self.pid: int | None = None
         self.pidfd: int | None = None
         self.parked = False
+        #: Introductions still to be read from processes that were woken before it was.
+        self._stale = 0
         self._lock = threading.Lock()
 
     def park(self, parking: Cgroup | None) -> bool:
-        """Learn the copy's pid and move it into ``parking``; False if the copy is gone."""
+        """Have the frozen process in ``parking``, learning its pid; False if it is gone."""
         with self._lock:
             if self.parked:
                 return True
-            if self.sock.fileno() < 0:
+            pid = self._introduced(HELLO_TIMEOUT_S)
+            if pid is None:
                 return False
-            try:
-                message, pid = receive_with_pid(self.sock, HELLO_TIMEOUT_S)
-            except (OSError, ValueError, protocol.ProtocolError) as e:
-                logger.warning("a frozen copy did not introduce itself: %s", e)
-                return False
-            if message.get("type") != "frozen" or pid is None:
-                return False
-            self.pid, self.pidfd = pid, open_pidfd(pid)
             if parking is not None:
                 try:
                     parking.add(pid)
@@ -73,20 +75,34 @@ class FrozenCopy:
 
     def wake(self, fds: list[int]) -> None:
         """Ask for a new worker over ``fds`` = [control socket, stdout, stderr] (sent, not
-        closed). The new worker says it is ready on the control socket."""
-        try:
-            self.sock.sendmsg(
-                [protocol.encode({"cmd": "wake"})],
-                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
-            )
-        except OSError as e:
-            raise WorkerStartError(f"the frozen copy {self.pid} is gone: {e}") from e
+        closed). The new worker says it is ready on the control socket.
+
+        The frozen process becomes that worker: from here on the handle is about its
+        successor (if ``reusable``), which is born parked, or about nothing.
+        """
+        with self._lock:
+            if self.pid is None:
+                self._introduced(0)  # read what is there: introductions must not pile up
+            try:
+                self.sock.sendmsg(
+                    [protocol.encode({"cmd": "wake", "again": self.reusable})],
+                    [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))],
+                )
+            except OSError as e:
+                raise WorkerStartError(f"the frozen copy {self.pid} is gone: {e}") from e
+            if self.pid is None:
+                self._stale += 1  # a restore does not wait for a successor to introduce itself
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+            self.pid = self.pidfd = None
 
     def release(self) -> None:
         """Let the copy go; safe to call twice."""
         with self._lock:
             if self.sock.fileno() < 0:
                 return
+            if self.pid is None:
+                self._introduced(0)  # the pid, if it is known by now
             self.sock.close()
             if self.pidfd is not None:
                 try:
@@ -95,6 +111,26 @@ class FrozenCopy:
                     pass
                 os.close(self.pidfd)
                 self.pidfd = None
+
+    def _introduced(self, timeout_s: float) -> int | None:
+        """The current frozen process's pid, reading introductions up to its own within
+        ``timeout_s`` if it is not known yet; None if it has not introduced itself."""
+        while self.pid is None:
+            if self.sock.fileno() < 0:
+                return None
+            try:
+                message, pid = receive_with_pid(self.sock, timeout_s)
+            except (OSError, ValueError, protocol.ProtocolError) as e:
+                if timeout_s:
+                    logger.warning("a frozen copy did not introduce itself: %s", e)
+                return None
+            if message.get("type") != "frozen" or pid is None:
+                return None
+            if self._stale:
+                self._stale -= 1
+            else:
+                self.pid, self.pidfd = pid, open_pidfd(pid)
+        return self.pid
 
 
 def open_pidfd(pid: int) -> int | None:

@@ -257,11 +257,11 @@ class WorkerProcess:
     @classmethod
     def wake(cls, copy: FrozenCopy, *, cgroup: Cgroup | None, zygote: Zygote | None,
              meanwhile: Callable[[], None] | None = None) -> WorkerProcess:
-        """A new worker forked from a (parked) frozen copy, in ``cgroup``.
+        """The worker that a (parked) frozen copy becomes, in ``cgroup``.
 
-        ``meanwhile`` runs while the copy forks (also if it cannot be asked to): the worker
-        being replaced is killed there, cgroup included, for the new one enters ``cgroup``
-        only once it is ready.
+        ``meanwhile`` runs while the copy gets ready (also if it cannot be asked to): the
+        worker being replaced is killed there, cgroup included, for the new one enters
+        ``cgroup`` only once it is ready.
         """
         channels = _Channels()
         try:
@@ -492,7 +492,7 @@ class WorkerProcess:
         if reply.get("type") != "snapshot" or len(fds) != 1:
             _close(fds)
             raise SnapshotError(f"no snapshot: {reply.get('message', 'no copy was made')}")
-        copy = FrozenCopy(fds[0])
+        copy = FrozenCopy(fds[0], reusable=True)
         self._unparked.append((copy, parking))
         return copy
 

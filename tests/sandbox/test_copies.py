@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -44,11 +45,10 @@ def test_copies_and_restored_workers_are_children_of_the_zygote():
         found = zygote.get()
         assert found is not None
         with backend.snapshot() as snapshot:
-            backend.restore(snapshot)
-            assert snapshot.copy.pid is not None
-            assert _parent(snapshot.copy.pid) == found.pid
-            assert backend.worker_pid is not None
-            assert _parent(backend.worker_pid) == found.pid
+            for _ in range(2):  # the copy itself, then its successor
+                backend.restore(snapshot)
+                assert backend.worker_pid is not None
+                assert _parent(backend.worker_pid) == found.pid
         with backend.fork() as fork:
             assert fork.worker_pid is not None
             assert _parent(fork.worker_pid) == found.pid
@@ -66,10 +66,10 @@ def test_a_copy_is_not_below_the_worker_nor_a_child_of_ours(backend, threads):
         assert backend.run("x += 1\nprint(x)").stdout == "42\n"
         assert not descendant_pids(worker) - {worker}
         assert _our_children() <= ours
-        backend.restore(snapshot)
-        assert backend.run("print(x)").stdout == "41\n"
-        assert snapshot.copy.pid is not None
-        assert snapshot.copy.pid not in _our_children()
+        for _ in range(2):
+            backend.restore(snapshot)
+            assert backend.run("x += 1\nprint(x)").stdout == "42\n"
+            assert backend.worker_pid not in _our_children()
 
 
 @pytest.mark.parametrize("threads", [False, True], ids=["one thread", "threads"])
@@ -82,3 +82,29 @@ def test_a_transactional_step_runs_without_its_copy_below_it(threads):
         rolled_back = backend.run("x += 1\nos._exit(3)")
         assert rolled_back.extra["rolled_back"] is True
         assert backend.run("print(x)").stdout == "2\n"
+
+
+def test_a_snapshot_outlives_workers_restored_from_it_and_killed_at_once(backend):
+    with backend.snapshot() as snapshot:
+        for _ in range(10):
+            backend.restore(snapshot)  # kills the last one, maybe before its successor ran
+        # A restored worker that kills its own process group leaves the snapshot alone.
+        assert backend.run("import os, signal\nos.killpg(0, signal.SIGKILL)").state_lost
+        backend.restore(snapshot)
+        assert backend.run("print(x)").stdout == "41\n"
+
+
+def test_restoring_many_times_leaves_one_frozen_process(no_leaked_processes):
+    with LocalBackend(Limits(timeout_s=5.0)) as backend:
+        backend.reset()
+        before = descendant_pids()
+        with backend.snapshot() as snapshot:
+            for _ in range(5):
+                backend.restore(snapshot)
+            backend.run("pass")
+            # The worker and one frozen process: the earlier frozen processes became the
+            # workers that were replaced, and killed (give them a moment to exit).
+            deadline = time.monotonic() + 5
+            while len(descendant_pids() - before) > 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(descendant_pids() - before) == 2
