@@ -26,8 +26,9 @@ FORBIDDEN = "FORBIDDEN"
 MESSAGE_TYPES = ("reset", "step", "state", "close")
 
 #: A step timeout asked for by a client: positive and finite (JSON allows neither NaN nor
-#: Infinity, Python's parser does).
-TimeoutS = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+#: Infinity, Python's parser does). Numbers are strict here and for the seed: the schema says
+#: number, so ``true`` or ``"2"`` is an error, not 1.0 or 2.0.
+TimeoutS = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 
 
 class ResetRequest(BaseModel):
@@ -35,7 +36,7 @@ class ResetRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    seed: int | None = Field(default=None, ge=0,
+    seed: int | None = Field(default=None, ge=0, strict=True,
                              description="Makes the episode id repeatable")
     episode_id: str | None = Field(default=None, max_length=255,
                                    description="Episode id to use instead of a random one")

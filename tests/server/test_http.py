@@ -72,7 +72,8 @@ def test_reset_seed_repeats_the_episode_id_and_episode_id_is_kept(http):
     assert named["info"]["episode_id"] == "ep-1"
 
 
-@pytest.mark.parametrize("body", [{"seed": -1}, {"seed": "x"}, {"episode_id": "e" * 256}])
+@pytest.mark.parametrize("body", [{"seed": -1}, {"seed": "x"}, {"seed": "3"}, {"seed": False},
+                                  {"episode_id": "e" * 256}])
 def test_reset_validates_its_body(http, body):
     response = http.post("/reset", json=body)
     assert response.status_code == 422
@@ -107,7 +108,9 @@ def test_step_accepts_openenv_extras(http):
      ({"action": {"code": "1", "lang": "py"}}, ["body", "action", "lang"]),
      ({"action": {"code": 5}}, ["body", "action", "code"]),
      ({}, ["body", "action"]),
-     ({"action": {"code": "1"}, "timeout_s": 0}, ["body", "timeout_s"])],
+     ({"action": {"code": "1"}, "timeout_s": 0}, ["body", "timeout_s"]),
+     ({"action": {"code": "1"}, "timeout_s": True}, ["body", "timeout_s"]),
+     ({"action": {"code": "1"}, "timeout_s": "2"}, ["body", "timeout_s"])],
 )
 def test_invalid_step_is_422_with_pydantic_detail(http, body, loc):
     response = http.post("/step", json=body)
