@@ -131,6 +131,11 @@ class Copies:
 
     def take_channels(self, fds: list[int]) -> None:
         """Become a worker talking over ``fds`` = [control socket, stdout, stderr]."""
+        self._attach(fds)
+        self._send_ready()
+
+    def _attach(self, fds: list[int]) -> None:
+        """:meth:`take_channels` but for the ready message."""
         control, out, err = fds
         os.dup2(out, 1)
         os.dup2(err, 2)
@@ -142,7 +147,6 @@ class Copies:
         # The one start-up setting a fork does not inherit; the rest of the isolation
         # (namespaces, uid, limits, seccomp) carries over from the process we copy.
         self._subreaper = isolation.become_subreaper()
-        self._send_ready()
 
     def _parent_reaps(self) -> bool:
         """Whether our parent reaps children it did not start, so that a copy may be its child:
@@ -164,6 +168,7 @@ class Copies:
         process group, the first thing the successor does (the parent kills a worker's group,
         and agent code may too). A fork that fails ends the snapshot.
         """
+        gone = -1
         try:
             self._introduce(wake)  # first: a restore waits for it
             sigchld = self._go_quiet()
@@ -180,10 +185,9 @@ class Copies:
                 gone, leaving = os.pipe()
                 if not self._fork_successor(leaving):
                     os.close(leaving)
-                    os.read(gone, 1)  # nothing to read: returns once the successor closed it
-                    os.close(gone)
                     break
                 os.close(gone)  # the successor: frozen like its predecessor, but for these fds
+                gone = -1
                 for fd in fds:
                     os.close(fd)
                 self._introduce(wake)
@@ -191,7 +195,11 @@ class Copies:
             _exit(1)
         wake.close()  # the successor's now, if there is one
         _restore_handler(_SIGCHLD, sigchld)
-        self.take_channels(fds)
+        self._attach(fds)
+        if gone >= 0:
+            os.read(gone, 1)  # nothing to read: returns once the successor closed its end
+            os.close(gone)
+        self._send_ready()
 
     @staticmethod
     def _introduce(wake: Channel) -> None:
