@@ -53,6 +53,7 @@ _set_handler = _signal.signal
 _fork = os.fork
 _exit = os._exit
 _listdir = os.listdir
+_SCHED_OTHER = os.SCHED_OTHER
 
 
 class Copies:
@@ -68,6 +69,8 @@ class Copies:
     _intermediate = 0
     _after_intermediate: tuple[bool, Any] = (False, None)
     copy_error = ""
+    #: The scheduling policy of the worker a frozen copy was made of.
+    _policy = -1
 
     if TYPE_CHECKING:
         def _flush(self) -> None: ...
@@ -88,14 +91,22 @@ class Copies:
         mine, theirs = socket.socketpair()
         # The parent learns the copy's pid from the kernel, not from what the copy says.
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        # The copy, and the successors it forks, run under the default scheduling policy, not
+        # as a batch process like the worker: a restore waits for them to start or wake, and
+        # at a busy CPU a batch process does either at the next scheduler tick only. The
+        # workers they become take the worker's policy back.
+        self._policy = _scheduling_policy()
+        _set_policy(_SCHED_OTHER)
         try:
             in_copy = self._detached_fork(wait=not reusable, beside=self._parent_reaps())
         except OSError as e:
+            _set_policy(self._policy)
             mine.close()
             theirs.close()
             self.copy_error = f"could not fork the interpreter: {e}"
             return -1
         if not in_copy:
+            _set_policy(self._policy)
             mine.close()
             return theirs.detach()
         theirs.close()
@@ -199,6 +210,7 @@ class Copies:
         if gone >= 0:
             os.read(gone, 1)  # nothing to read: returns once the successor closed its end
             os.close(gone)
+        _set_policy(self._policy)
         self._send_ready()
 
     @staticmethod
@@ -362,6 +374,21 @@ def _fork_beside(leaving: int = -1) -> int | None:
         return _clone.fork(_CLONE_PARENT, leaving)
     except (OSError, AttributeError):
         return None
+
+
+def _scheduling_policy() -> int:
+    try:
+        return os.sched_getscheduler(0)
+    except OSError:
+        return -1
+
+
+def _set_policy(policy: int) -> None:
+    if policy >= 0:
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+        except OSError:
+            pass  # the process keeps the policy it has
 
 
 def _set_subreaper(on: bool) -> None:

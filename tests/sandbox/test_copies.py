@@ -108,3 +108,16 @@ def test_restoring_many_times_leaves_one_frozen_process(no_leaked_processes):
             while len(descendant_pids() - before) > 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert len(descendant_pids() - before) == 2
+
+
+def test_restored_and_rolled_back_workers_keep_the_worker_scheduling_policy(backend):
+    policy = "import os\nprint(os.sched_getscheduler(0))"
+    expected = backend.run(policy).stdout
+    with backend.snapshot() as snapshot:
+        backend.restore(snapshot)
+        assert backend.run(policy).stdout == expected
+    with LocalBackend(Limits(timeout_s=1.0), transactional=True) as transactional:
+        transactional.reset()
+        expected = transactional.run(policy).stdout
+        assert transactional.run("import os\nos._exit(3)").extra["rolled_back"] is True
+        assert transactional.run(policy).stdout == expected
