@@ -61,6 +61,8 @@ class FrozenCopy:
         with self._lock:
             if self.parked:
                 return True
+            if self.sock.fileno() < 0:
+                return False  # released: killed, if its pid was known
             pid = self._introduced(HELLO_TIMEOUT_S)
             if pid is None:
                 return False
