@@ -81,24 +81,24 @@ class Copies:
         """Leave a frozen copy behind: the parent's end of its wake-up socket, -1 on failure
         (``copy_error`` says why), or None in a new worker woken from the copy.
 
-        ``reusable`` (a snapshot the parent keeps, perhaps for many restores): where the copy
-        takes a double fork, return while it is still in the making. Otherwise (the copy of a
-        transactional step) it is made before agent code runs again, with this worker a
-        subreaper all along.
+        ``reusable``: a snapshot the parent keeps, perhaps for many restores, not the copy of
+        a transactional step, which is woken only if the step fails.
         """
         self.copy_error = ""
         self._flush()  # nothing buffered may be written twice
         mine, theirs = socket.socketpair()
         # The parent learns the copy's pid from the kernel, not from what the copy says.
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        # The copy, and the successors it forks, run under the default scheduling policy, not
-        # as a batch process like the worker: a restore waits for them to start or wake, and
-        # at a busy CPU a batch process does either at the next scheduler tick only. The
-        # workers they become take the worker's policy back.
+        # A snapshot, and the successors it forks, run under the default scheduling policy,
+        # not as a batch process like the worker: a restore waits for them to start or wake,
+        # and at a busy CPU a batch process does either at the next scheduler tick only. (The
+        # copy of a transactional step stays out of the way of the step.) The workers they
+        # become take the worker's policy back.
         self._policy = _scheduling_policy()
-        _set_policy(_SCHED_OTHER)
+        if reusable:
+            _set_policy(_SCHED_OTHER)
         try:
-            in_copy = self._detached_fork(wait=not reusable, beside=self._parent_reaps())
+            in_copy = self._detached_fork(beside=self._parent_reaps())
         except OSError as e:
             _set_policy(self._policy)
             mine.close()
@@ -118,7 +118,7 @@ class Copies:
         self.copy_error = ""
         self._flush()
         try:
-            in_copy = self._detached_fork(wait=True, beside=self._parent_reaps())
+            in_copy = self._detached_fork(beside=self._parent_reaps())
         except OSError as e:
             self.copy_error = f"could not fork the interpreter: {e}"
             return False
@@ -234,22 +234,23 @@ class Copies:
         left our process group. This copy's parent is the zygote (or init), which reaps what
         is forked beside the copy."""
         try:
-            return self._detached_fork(wait=True, beside=True, leaving=leaving)
+            return self._detached_fork(beside=True, leaving=leaving)
         except OSError:
             return False
 
-    def _detached_fork(self, wait: bool, beside: bool, leaving: int = -1) -> bool:
+    def _detached_fork(self, beside: bool, leaving: int = -1) -> bool:
         """Fork a copy of this interpreter that is not our child: True in the copy, which
         starts a new session first thing, then closes ``leaving`` (if given).
 
         ``beside``: our parent may be the copy's. Otherwise, or where that fails, a double
-        fork, whose intermediate is waited for now with ``wait``, else in :meth:`settle`.
+        fork, whose intermediate is waited for: the copy has left our process tree when this
+        returns (or the worker's kill could take it along, with no cgroup to park it in).
         """
         self.settle()
         random_state = _random_state()
         pid = _fork_beside(leaving) if beside else None
         if pid is None:
-            pid = self._fork_intermediate(wait, leaving)
+            pid = self._fork_intermediate(leaving)
         if pid == 0:
             try:
                 _set_random_state(random_state)
@@ -259,7 +260,7 @@ class Copies:
             return True
         return False
 
-    def _fork_intermediate(self, wait: bool, leaving: int) -> int:
+    def _fork_intermediate(self, leaving: int) -> int:
         """The double fork: 0 in the copy, else the intermediate's pid."""
         # waitpid needs the default disposition: with SIGCHLD ignored (agent code may have
         # done so) it would wait for every child instead.
@@ -286,8 +287,7 @@ class Copies:
                 _exit(1)
             return 0
         self._intermediate, self._after_intermediate = pid, (subreaper, sigchld)
-        if wait:
-            self.settle()
+        self.settle()
         return pid
 
 

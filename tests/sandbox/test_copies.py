@@ -121,3 +121,16 @@ def test_restored_and_rolled_back_workers_keep_the_worker_scheduling_policy(back
         expected = transactional.run(policy).stdout
         assert transactional.run("import os\nos._exit(3)").extra["rolled_back"] is True
         assert transactional.run(policy).stdout == expected
+
+
+def test_a_copy_of_a_spawned_worker_is_out_of_its_tree_when_the_snapshot_returns():
+    # Without a cgroup to park it in, the copy survives the worker's kill only by being
+    # elsewhere in the process tree by then.
+    for _ in range(10):
+        with LocalBackend(Limits(timeout_s=5.0), isolation={"cgroup": False},
+                          start_method="spawn") as backend:
+            backend.reset()
+            backend.run("x = 1")
+            with backend.snapshot() as snapshot:
+                backend.restore(snapshot)
+                assert backend.run("print(x)").stdout == "1\n"
