@@ -15,7 +15,7 @@ worker (:func:`coding_gym.sandbox.worker.start`), completing its isolation. On t
 socket the zygote reports the worker's pid at once (the parent moves it into its cgroup
 meanwhile), then its exit status once it reaps it: the worker is the zygote's child, not
 the env's, and only a parent can learn how a process ended. It is a child subreaper too, so
-copies of workers (snapshots and forks, made by double forks) land here and are reaped and
+copies of workers (snapshots and forks, forked beside the worker) land here and are reaped and
 reported the same way.
 
 The zygote stays single-threaded (a fork copies only the calling thread): it refuses to serve
