@@ -8,7 +8,9 @@ resetting now and then. It then closes every session, lets the server go idle, a
 the server with how it was after the warm-up.
 
 Reported: errors (an exception from the client, an infrastructure error, a wrong answer to
-an ordinary program, a step that took longer than its limit plus one second), growth of the
+an ordinary program, a step that took longer than its limit plus one second; counted by kind,
+and a slow step by where its time went: in the sandbox, or in a reply that also waited for a
+new interpreter after the last step killed one, or elsewhere), growth of the
 server's resident memory (its own and that of its descendants, idle before and after),
 processes left behind, and the server's fds. Targets over 10 minutes with 32 sessions:
 0 errors, under 5 % memory growth, 0 processes left.
@@ -94,11 +96,14 @@ class Tally:
     resets: int = 0
     hostile: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
+    #: Errors by kind, so that slow replies can be told apart (see :func:`session_loop`).
+    kinds: Counter[str] = field(default_factory=Counter)
     slowest_s: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def error(self, text: str) -> None:
+    def error(self, text: str, kind: str) -> None:
         with self.lock:
+            self.kinds[kind] += 1
             if len(self.errors) < 200:
                 self.errors.append(text)
 
@@ -198,14 +203,18 @@ def session_loop(index: int, url: str, until: float, seed: int, hostile: list[st
     try:
         env = CodingEnv("remote", base_url=url, token=TOKEN, timeout_s=TIMEOUT_S)
     except Exception as e:  # noqa: BLE001 - every failure is counted, none ends the soak
-        tally.error(f"session {index}: could not connect: {e}")
+        tally.error(f"session {index}: could not connect: {e}", "exception")
         return
     with env:
         try:
             env.reset()
         except Exception as e:  # noqa: BLE001
-            tally.error(f"session {index}: first reset failed: {type(e).__name__}: {e}")
+            tally.error(f"session {index}: first reset failed: {type(e).__name__}: {e}",
+                        "exception")
             return
+        # Whether the last step killed the interpreter: the next one then waits for a new
+        # worker, the part of a reply that CPU starvation stretches most.
+        replaced = False
         while time.monotonic() < until:
             try:
                 if rng.random() < RESET_SHARE:
@@ -222,7 +231,7 @@ def session_loop(index: int, url: str, until: float, seed: int, hostile: list[st
                 observation, _, _, truncated, info = env.step(code)
                 elapsed = time.monotonic() - started
             except Exception as e:  # noqa: BLE001
-                tally.error(f"session {index}: {type(e).__name__}: {e}")
+                tally.error(f"session {index}: {type(e).__name__}: {e}", "exception")
                 continue
             with tally.lock:
                 tally.steps += 1
@@ -232,15 +241,20 @@ def session_loop(index: int, url: str, until: float, seed: int, hostile: list[st
             label = name or code.splitlines()[0]
             if info.get("infra_error") or truncated:
                 tally.error(f"session {index}: infrastructure error on {label!r}: "
-                            f"{info.get('infra_error')}")
+                            f"{info.get('infra_error')}", "infrastructure")
             if elapsed > TIMEOUT_S + SLACK_S:
                 # The server's own measure of the step tells a slow sandbox from queueing.
+                in_sandbox = float(info.get("wall_time_s", elapsed))
+                kind = ("slow: over the limit in the sandbox" if in_sandbox > TIMEOUT_S + SLACK_S
+                        else "slow: reply, after a killed interpreter" if replaced
+                        else "slow: reply")
                 tally.error(f"session {index}: {label!r} took {elapsed:.2f} s (in the sandbox "
-                            f"{info.get('wall_time_s', '?')} s)")
+                            f"{in_sandbox:.2f} s)", kind)
             if expected is not None and observation["stdout"] != expected:
                 tally.error(f"session {index}: {label!r} printed "
                             f"{observation['stdout'][:80]!r} (exit {observation['exit_code']}, "
-                            f"stderr {observation['stderr'][-200:]!r})")
+                            f"stderr {observation['stderr'][-200:]!r})", "wrong answer")
+            replaced = bool(info.get("state_lost"))
 
 
 def active_layers() -> dict[str, bool]:
@@ -289,7 +303,8 @@ def soak(minutes: float, sessions: int, seed: int) -> dict[str, Any]:
                      process.pid)
         wait_idle(url, process.pid)
         baseline = snapshot(process.pid)
-        tally = Tally(errors=[f"warm-up: {error}" for error in warm.errors])
+        tally = Tally(errors=[f"warm-up: {error}" for error in warm.errors],
+                      kinds=Counter({f"warm-up, {kind}": n for kind, n in warm.kinds.items()}))
         seen: dict[int, int | None] = {}
         peak = run_sessions(url, time.monotonic() + minutes * 60, sessions, seed, hostile,
                             tally, seen, process.pid)
@@ -319,7 +334,8 @@ def soak(minutes: float, sessions: int, seed: int) -> dict[str, Any]:
         "minutes": minutes, "warm_up_s": warm_up_s, "sessions": sessions, "seed": seed,
         "isolation": layers,
         "steps": tally.steps, "resets": tally.resets, "hostile_steps": dict(tally.hostile),
-        "errors": tally.errors, "slowest_step_s": round(tally.slowest_s, 3),
+        "errors": tally.errors, "error_kinds": dict(tally.kinds),
+        "slowest_step_s": round(tally.slowest_s, 3),
         "baseline": baseline, "peak": peak, "final": final,
         "rss_growth_percent": round(100 * growth, 2),
         "processes_left_in_server": final["processes"] - baseline["processes"],
@@ -342,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{results['sessions']} sessions for {results['minutes']:g} min: "
           f"{results['steps']} steps ({sum(results['hostile_steps'].values())} hostile), "
           f"{results['resets']} resets, slowest step {results['slowest_step_s']} s")
-    print(f"errors: {len(results['errors'])}")
+    print(f"errors: {sum(results['error_kinds'].values())} "
+          + ", ".join(f"{n} {kind}" for kind, n in sorted(results["error_kinds"].items())))
     for error in results["errors"][:20]:
         print(f"  {error}")
     print(f"memory (server and descendants, idle): {results['baseline']['total_rss_kb']} kB -> "
@@ -354,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
-    met = (not results["errors"] and results["rss_growth_percent"] < 5
+    met = (not results["error_kinds"] and results["rss_growth_percent"] < 5
            and results["processes_left_in_server"] == 0
            and results["processes_left_after_stop"] == 0 and results["server_healthy"])
     print("targets met" if met else "targets NOT met")
