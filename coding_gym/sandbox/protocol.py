@@ -37,6 +37,9 @@ RUN = struct.Struct("<d?")
 #: bytes left in the stdout and stderr pipes (-1: unknown).
 RESULT = struct.Struct("<iBqqii")
 KILL_REASONS = (None, "timeout", "memory")
+#: How every whole result frame starts (its length, then ``r``), and its size.
+_RESULT_START = HEADER.pack(1 + RESULT.size) + b"r"
+_RESULT_FRAME_BYTES = len(_RESULT_START) + RESULT.size
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -63,8 +66,9 @@ def encode_result(exit_code: int, kill_reason: str | None, wall_ns: int, cpu_ns:
     return HEADER.pack(len(body)) + body
 
 
-def decode_result(body: bytes | bytearray) -> dict[str, Any]:
-    exit_code, reason, wall_ns, cpu_ns, out, err = RESULT.unpack_from(body, 1)
+def decode_result(body: bytes | bytearray, offset: int = 1) -> dict[str, Any]:
+    """The result whose fields start at ``offset`` of ``body`` (after its ``r``)."""
+    exit_code, reason, wall_ns, cpu_ns, out, err = RESULT.unpack_from(body, offset)
     return {"type": "result", "exit_code": exit_code,
             "kill_reason": KILL_REASONS[reason] if reason < len(KILL_REASONS) else None,
             "wall_ns": wall_ns, "cpu_ns": cpu_ns, "out": out, "err": err}
@@ -108,10 +112,12 @@ class FrameReader:
         self._max_bytes = max_bytes
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        if not self._buffer and len(data) > HEADER.size \
-                and HEADER.unpack_from(data)[0] == len(data) - HEADER.size:
+        if not self._buffer:
             # Exactly one whole message, the usual case: no buffering.
-            return [self._decode(data[HEADER.size:])]
+            if len(data) == _RESULT_FRAME_BYTES and data.startswith(_RESULT_START):
+                return [decode_result(data, len(_RESULT_START))]
+            if len(data) > HEADER.size and HEADER.unpack_from(data)[0] == len(data) - HEADER.size:
+                return [self._decode(data[HEADER.size:])]
         self._buffer += data
         messages = []
         while len(self._buffer) >= HEADER.size:

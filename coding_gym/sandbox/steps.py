@@ -146,13 +146,9 @@ class StepRun:
         if not worker.send(request, limits.timeout_s + HARD_KILL_GRACE_S):
             self._die()
 
-    def watched_fds(self, quiet: bool) -> tuple[int, ...]:
-        worker = self.worker
-        fds = (worker.sock.fileno(), worker.exit_fd)
-        return fds if quiet else (*fds, worker.out_fd, worker.err_fd)
-
     def on_event(self, fd: int) -> None:
-        """Handle readiness of one of :meth:`watched_fds`; may finish the step."""
+        """Handle readiness of one of the worker's fds (socket, exit, pipes); may finish the
+        step."""
         worker = self.worker
         if fd == worker.out_fd:
             drain(fd, self.out)
@@ -163,6 +159,9 @@ class StepRun:
         else:
             for message, fds in worker.receive(with_fds=self.snapshot):
                 kind = message.get("type")
+                if kind == "result" and not fds:
+                    self._finish(message)
+                    return
                 if kind == "snapshot" and len(fds) == 1 and self.wake_fd < 0:
                     self.wake_fd = fds[0]
                     continue
@@ -171,15 +170,40 @@ class StepRun:
                 if kind == "snapshot":
                     self._snapshot_error = str(message.get("error", "no copy was made"))
                 elif kind == "result":
-                    drain(worker.out_fd, self.out, message.get("out"))
-                    drain(worker.err_fd, self.err, message.get("err"))
-                    self.result = _result(message, self.out, self.err, self.started)
+                    self._finish(message)
                     return
                 else:
                     self._die()
                     return
             if not worker.connected:
                 self._die()
+
+    def _finish(self, reply: dict[str, Any]) -> None:
+        """The worker replied: read what the step left in the pipes, and make the result."""
+        worker, out, err = self.worker, self.out, self.err
+        # Counts from the worker (0 for a silent stream: no read at all); drain checks them.
+        pending = reply.get("out")
+        if pending != 0 or type(pending) is not int:
+            drain(worker.out_fd, out, pending)
+        pending = reply.get("err")
+        if pending != 0 or type(pending) is not int:
+            drain(worker.err_fd, err, pending)
+        exit_code = reply.get("exit_code")
+        kill_reason = reply.get("kill_reason")
+        wall_ns, cpu_ns = reply.get("wall_ns"), reply.get("cpu_ns")
+        # Durations are integer nanoseconds from the worker, which agent code could forge.
+        # Fields by position, in ExecResult's order: keywords cost a dict per step.
+        self.result = ExecResult(
+            out.data.decode("utf-8", "replace"),
+            err.data.decode("utf-8", "replace"),
+            exit_code if type(exit_code) is int and 0 <= exit_code < 256 else 1,
+            (wall_ns / 1e9 if type(wall_ns) is int and wall_ns >= 0
+             else _perf_counter() - self.started),
+            cpu_ns / 1e9 if type(cpu_ns) is int and cpu_ns >= 0 else 0.0,
+            out.truncated,
+            err.truncated,
+            kill_reason if kill_reason in ("timeout", "memory") else None,
+        )
 
     def wait(self) -> ExecResult:
         """Drive this step alone to its result (:func:`run_many` does it for many)."""
@@ -282,16 +306,19 @@ def run_many(runs: Sequence[StepRun]) -> list[ExecResult]:
     if len(runs) == 1:
         return [runs[0].wait()]
     poller = select.poll()
+    # The fds of a finished step stay registered until they wake the loop, which is rare: a
+    # worker that replied is silent. The number of a killed worker's fd may already belong to
+    # a new file by then, so it is forgotten by number, never read from.
     owner: dict[int, StepRun] = {}
-    registered: dict[StepRun, list[int]] = {}
     pending = 0
     for run in runs:
         if run.result is None:
             pending += 1
-            fds = registered[run] = [fd for fd in run.watched_fds(quiet=True) if fd >= 0]
-            for fd in fds:
-                poller.register(fd, _POLLIN)
-                owner[fd] = run
+            worker = run.worker
+            for fd in (worker.sock.fileno(), worker.exit_fd):
+                if fd >= 0:
+                    poller.register(fd, _POLLIN)
+                    owner[fd] = run
     quiet_until = _monotonic() + QUIET_S
     quiet = True
     deadline = min((run.deadline for run in runs if run.result is None), default=0.0)
@@ -304,61 +331,24 @@ def run_many(runs: Sequence[StepRun]) -> list[ExecResult]:
                     for fd in (run.worker.out_fd, run.worker.err_fd):
                         poller.register(fd, _POLLIN)
                         owner[fd] = run
-                        registered[run].append(fd)
         if now >= deadline:
             for run in runs:
                 if run.result is None and run.deadline <= now:
                     run.expire()
                     pending -= 1
-                    _forget(registered.pop(run), poller, owner)
             deadline = min((run.deadline for run in runs if run.result is None), default=0.0)
             continue
         for fd, _ in poller.poll(((min(deadline, quiet_until) if quiet else deadline) - now)
                                  * 1000):
-            run = owner.get(fd)  # type: ignore[assignment]
-            if run is None or run.result is not None:
+            run = owner[fd]
+            if run.result is not None:
+                del owner[fd]
+                poller.unregister(fd)
                 continue
             run.on_event(fd)
             if run.result is not None:
                 pending -= 1
-                _forget(registered.pop(run), poller, owner)
-    results = []
-    for run in runs:
-        assert run.result is not None
-        results.append(run.result)
-    return results
-
-
-def _forget(fds: list[int], poller: select.poll, owner: dict[int, StepRun]) -> None:
-    """Stop watching the fds of a finished step (a dead worker's pipes would poll forever).
-
-    By the numbers registered, not the worker's current ones: a killed worker's socket is
-    closed, and its number may already belong to a new file.
-    """
-    for fd in fds:
-        del owner[fd]
-        poller.unregister(fd)
-
-
-def _result(reply: dict[str, Any], out: Capture, err: Capture, started: float) -> ExecResult:
-    exit_code = reply.get("exit_code")
-    kill_reason = reply.get("kill_reason")
-    return ExecResult(
-        stdout=out.text(),
-        stderr=err.text(),
-        exit_code=exit_code if isinstance(exit_code, int) and 0 <= exit_code < 256 else 1,
-        wall_time_s=_seconds(reply.get("wall_ns"), _perf_counter() - started),
-        cpu_time_s=_seconds(reply.get("cpu_ns"), 0.0),
-        stdout_truncated=out.truncated,
-        stderr_truncated=err.truncated,
-        kill_reason=kill_reason if kill_reason in ("timeout", "memory") else None,
-    )
-
-
-def _seconds(nanoseconds: Any, default: float) -> float:
-    """A duration reported by the worker (integer nanoseconds), which agent code could have
-    forged."""
-    return nanoseconds / 1e9 if type(nanoseconds) is int and nanoseconds >= 0 else default
+    return [run.result for run in runs]  # type: ignore[misc]  # none is pending: all have one
 
 
 def _signal_name(signum: int) -> str:
