@@ -230,7 +230,7 @@ class LocalBackend:
         of many backends at once), then pass it with its result to :meth:`finish`.
         """
         worker = self._live_worker()
-        limits = self.limits.with_timeout(timeout_s)
+        limits = self.limits if timeout_s is None else self.limits.with_timeout(timeout_s)
         if not self.transactional:
             return worker.begin(code, limits)
         return worker.begin(code, limits, snapshot=True, parking=self._parking())
@@ -357,8 +357,10 @@ class LocalBackend:
 
     def _live_worker(self) -> WorkerProcess:
         """The episode's worker; a fresh one (same directory) if the last one died."""
-        self._check_open()
         episode = self._episode
+        if episode.worker is not None and episode.worker.alive and not self._closed:
+            return episode.worker  # checked first: at every step
+        self._check_open()
         if episode.home is None:
             self.reset()
         elif episode.worker is None or not episode.worker.alive:
