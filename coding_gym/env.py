@@ -244,23 +244,23 @@ class CodingEnv(gym.Env[Observation, str]):
         return observation, info
 
     def step(self, action: str) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
-        code = self._begin_step(action)
+        code = self._check_action(action)
+        self._start_step()
         try:
             result = self.backend.run(code)
         except BackendError as e:
             return self._finish_step(code, backend_failure(e), infra_error=str(e))
         return self._finish_step(code, result)
 
-    # step() in two halves, around the run of the code: the native vector env
-    # (coding_gym.vector) runs the code of all its envs at once in between.
+    # step() in parts around the run of the code: the native vector env (coding_gym.vector)
+    # checks every action, then starts every step, and runs the code of all its envs at once
+    # before finishing them.
 
-    def _begin_step(self, action: Any) -> str:
-        """Check the action and count the step; return the code to run."""
-        code = self._check_action(action)
+    def _start_step(self) -> None:
+        """Count a step whose action :meth:`_check_action` accepted."""
         if self.episode_id is None:
             raise ResetNeeded("Call reset() before step(): no episode has started.")
         self.step_count += 1
-        return code
 
     def _finish_step(self, code: str, result: ExecResult, infra_error: str | None = None
                      ) -> tuple[Observation, float, bool, bool, dict[str, Any]]:
@@ -278,14 +278,17 @@ class CodingEnv(gym.Env[Observation, str]):
         info["wall_time_s"] = _coarse(result.wall_time_s)
         info["cpu_time_s"] = _coarse(result.cpu_time_s)
         reward, terminated = 0.0, False
+        tasks = self._tasks
         if infra_error is None:
             reward, terminated, infra_error = self._score(code, result, info)
             truncated = infra_error is not None
-        elif self._tasks is not None:
-            info.update(self._tasks.info(None))
-        info.update(episode_id=self.episode_id, step=self.step_count, infra_error=infra_error)
-        if self._tasks is not None and self._tasks.task is not None:
-            observation["prompt"] = self._tasks.task.prompt
+        elif tasks is not None:
+            info.update(tasks.info(None))
+        info["episode_id"] = self.episode_id
+        info["step"] = self.step_count
+        info["infra_error"] = infra_error
+        if tasks is not None and tasks.task is not None:
+            observation["prompt"] = tasks.task.prompt
         return observation, reward, terminated, truncated, info
 
     def _score(self, code: str, result: ExecResult,

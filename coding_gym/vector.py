@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
-from gymnasium.vector.utils import batch_space, concatenate, create_empty_array
+from gymnasium.vector.utils import batch_space
 
 from coding_gym.backends.local import LocalBackend
+from coding_gym.batching import ObservationBatcher, batch_infos
 from coding_gym.env import CodingEnv, Observation, backend_failure
 from coding_gym.errors import BackendError
 from coding_gym.models import ExecResult
@@ -95,7 +96,8 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         self.single_action_space = first.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
-        self._observations: Any = create_empty_array(self.single_observation_space, num_envs)
+        self._batch_observations = ObservationBatcher(self.single_observation_space, num_envs)
+        self._every_env = list(range(num_envs))
         self._env_obs: list[Observation] = [{} for _ in range(num_envs)]
         self._rewards = np.zeros(num_envs, dtype=np.float64)
         self._terminations = np.zeros(num_envs, dtype=np.bool_)
@@ -130,7 +132,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
                                   strict=True):
             self._env_obs[i] = obs
             entries.append((i, info))
-        return self._batch_observations(), self._batch_infos(entries)
+        return self._batch_observations(self._env_obs), batch_infos(entries, self.num_envs)
 
     def step(self, actions: Sequence[str]
              ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -142,43 +144,49 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
                 f"Sub-envs {done} ended their episode and autoreset is disabled: reset them "
                 "with reset(options={'reset_mask': mask}) first"
             )
-        resetting = (self._autoreset_envs.copy() if self.autoreset_mode is
-                     AutoresetMode.NEXT_STEP else np.zeros(self.num_envs, dtype=np.bool_))
-        stepping = [i for i in range(self.num_envs) if not resetting[i]]
+        if self.autoreset_mode is AutoresetMode.NEXT_STEP and self._autoreset_envs.any():
+            resetting = np.flatnonzero(self._autoreset_envs).tolist()
+            stepping = np.flatnonzero(~self._autoreset_envs).tolist()
+        else:
+            resetting, stepping = [], self._every_env
+        envs = self.envs
         # Every action is checked before any env counts a step: a bad one changes nothing.
+        codes = [envs[i]._check_action(actions[i]) for i in stepping]
         for i in stepping:
-            self.envs[i]._check_action(actions[i])
-        codes = [self.envs[i]._begin_step(actions[i]) for i in stepping]
+            envs[i]._start_step()
         outcomes = self._run(stepping, codes)
         entries: list[tuple[int, dict[str, Any]]] = []
         ended: list[int] = []
+        same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
+        limit = self.max_episode_steps
+        env_obs, rewards = self._env_obs, self._rewards
+        terminations, truncations = self._terminations, self._truncations
         for i, code, (result, infra_error) in zip(stepping, codes, outcomes, strict=True):
-            env = self.envs[i]
+            env = envs[i]
             obs, reward, terminated, truncated, info = env._finish_step(code, result, infra_error)
-            if self.max_episode_steps is not None and env.step_count >= self.max_episode_steps:
+            if limit is not None and env.step_count >= limit:
                 truncated = True
-            self._env_obs[i] = obs
-            self._rewards[i] = reward
-            self._terminations[i] = terminated
-            self._truncations[i] = truncated
-            if self.autoreset_mode is AutoresetMode.SAME_STEP and (terminated or truncated):
+            env_obs[i] = obs
+            rewards[i] = reward
+            terminations[i] = terminated
+            truncations[i] = truncated
+            if same_step and (terminated or truncated):
                 entries.append((i, {"final_obs": obs, "final_info": info}))
                 ended.append(i)
             else:
                 entries.append((i, info))
-        restarted = ended + np.flatnonzero(resetting).tolist()
+        restarted = ended + resetting
         for i, (obs, info) in zip(restarted, self._reset_envs(restarted, None, None),
                                   strict=True):
-            self._env_obs[i] = obs
+            env_obs[i] = obs
             entries.append((i, info))
-            if resetting[i]:
-                self._rewards[i] = 0.0
-                self._terminations[i] = self._truncations[i] = False
-        self._autoreset_envs = np.logical_or(self._terminations, self._truncations)
-        if self.autoreset_mode is AutoresetMode.SAME_STEP:
-            self._autoreset_envs[:] = False
-        return (self._batch_observations(), self._rewards.copy(), self._terminations.copy(),
-                self._truncations.copy(), self._batch_infos(entries))
+        for i in resetting:
+            rewards[i] = 0.0
+            terminations[i] = truncations[i] = False
+        if not same_step:
+            np.logical_or(terminations, truncations, out=self._autoreset_envs)
+        return (self._batch_observations(env_obs), rewards.copy(), terminations.copy(),
+                truncations.copy(), batch_infos(entries, self.num_envs))
 
     def render(self) -> tuple[Any, ...] | None:
         """What each sub-env renders (``render_mode="ansi"``: the last step as text)."""
@@ -219,74 +227,6 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             setattr(env, name, value)
 
     # -- Internals -----------------------------------------------------------------------------
-
-    def _batch_infos(self, entries: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-        """The infos of sub-envs batched as Gymnasium does (``_add_info`` for each entry, in
-        order), one key at a time when every entry has the same flat keys."""
-        if not entries:
-            return {}
-        keys = list(entries[0][1])
-        if "final_obs" in keys or any(list(info) != keys for _, info in entries[1:]):
-            return self._add_infos(entries)
-        n = self.num_envs
-        where = [env_num for env_num, _ in entries]
-        mask = np.zeros(n, dtype=np.bool_)
-        mask[where] = True
-        infos: dict[str, Any] = {}
-        for key in keys:
-            values = [info[key] for _, info in entries]
-            if dict in set(map(type, values)):
-                return self._add_infos(entries)
-            kind = type(values[0])
-            if kind in (int, float, bool) or issubclass(kind, np.number):
-                array = np.zeros(n, dtype=kind)
-                array[where] = values
-            else:
-                array = (np.zeros((n, *values[0].shape), dtype=values[0].dtype)
-                         if isinstance(values[0], np.ndarray)
-                         else np.full(n, fill_value=None, dtype=object))
-                for env_num, value in zip(where, values, strict=True):
-                    array[env_num] = value
-            infos[key] = array
-            infos["_" + key] = mask.copy()
-        return infos
-
-    def _add_infos(self, entries: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
-        infos: dict[str, Any] = {}
-        for env_num, info in entries:
-            infos = self._add_info(infos, info, env_num)
-        return infos
-
-    def _add_info(self, vector_infos: dict[str, Any], env_info: dict[str, Any],
-                  env_num: int) -> dict[str, Any]:
-        """Gymnasium's ``VectorEnv._add_info``, same result, without making a mask array per
-        key per env per step (its ``dict.get`` default is built even when unused)."""
-        n = self.num_envs
-        for key, value in env_info.items():
-            if key == "final_obs":
-                array = vector_infos.get(key)
-                if array is None:
-                    array = np.full(n, fill_value=None, dtype=object)
-                array[env_num] = value
-            elif isinstance(value, dict):
-                array = self._add_info(vector_infos.get(key, {}), value, env_num)
-            else:
-                array = vector_infos.get(key)
-                if array is None:
-                    kind = type(value)
-                    if kind in (int, float, bool) or issubclass(kind, np.number):
-                        array = np.zeros(n, dtype=kind)
-                    elif isinstance(value, np.ndarray):
-                        array = np.zeros((n, *value.shape), dtype=value.dtype)
-                    else:
-                        array = np.full(n, fill_value=None, dtype=object)
-                array[env_num] = value
-            mask = vector_infos.get("_" + key)
-            if mask is None:
-                mask = np.zeros(n, dtype=np.bool_)
-            mask[env_num] = True
-            vector_infos[key], vector_infos["_" + key] = array, mask
-        return vector_infos
 
     def _check_actions(self, actions: Any) -> list[Any]:
         if isinstance(actions, (str, bytes)) or not isinstance(actions, Sequence):
@@ -335,11 +275,6 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             self._pool = ThreadPoolExecutor(max_workers=self.num_envs,
                                             thread_name_prefix="coding-gym-vector")
         return self._pool
-
-    def _batch_observations(self) -> dict[str, Any]:
-        self._observations = concatenate(self.single_observation_space, self._env_obs,
-                                         self._observations)
-        return dict(self._observations)
 
 
 def _run_one(backend: Any, code: str) -> tuple[ExecResult, str | None]:
