@@ -139,5 +139,6 @@ class ExecResult:
             "kill_reason": self.kill_reason,
             "state_lost": self.state_lost,
         }
-        data.update(self.extra)
+        if self.extra:
+            data.update(self.extra)
         return data

@@ -33,6 +33,8 @@ class ProtocolError(Exception):
 
 #: Run request after its ``R``: timeout_s, snapshot flag; then the code as UTF-8.
 RUN = struct.Struct("<d?")
+#: A run request up to its code (header, ``R``, RUN), packed in one call.
+_RUN_START = struct.Struct("<Ic" + RUN.format[1:])
 #: Result after its ``r``: exit_code, kill_reason (index in KILL_REASONS), wall_ns, cpu_ns,
 #: bytes left in the stdout and stderr pipes (-1: unknown).
 RESULT = struct.Struct("<iBqqii")
@@ -49,8 +51,8 @@ def encode(message: dict[str, Any]) -> bytes:
 
 def encode_run(code: str, timeout_s: float, snapshot: bool = False) -> bytes:
     """The run request: ``{"cmd": "run", "code", "timeout_s", "snapshot"}``."""
-    body = b"R" + RUN.pack(timeout_s, snapshot) + code.encode("utf-8", "surrogatepass")
-    return HEADER.pack(len(body)) + body
+    data = code.encode("utf-8", "surrogatepass")
+    return _RUN_START.pack(1 + RUN.size + len(data), b"R", timeout_s, snapshot) + data
 
 
 def decode_run(body: bytes) -> dict[str, Any]:

@@ -474,6 +474,8 @@ class WorkerProcess:
     def begin(self, code: str, limits: Limits, *, snapshot: bool = False,
               parking: Cgroup | None = None) -> StepRun:
         """Send ``code``; drive the returned step with :func:`steps.run_many`."""
+        if not snapshot:
+            return StepRun(self, code, limits)  # no keywords: a class call makes them a dict
         return StepRun(self, code, limits, snapshot=snapshot, parking=parking)
 
     def run(self, code: str, limits: Limits) -> ExecResult:
