@@ -190,6 +190,21 @@ def test_env_snapshot_restores_the_episode():
         snapshot.release()
 
 
+def test_env_snapshot_restores_np_random_and_fork_copies_it():
+    with CodingEnv(timeout_s=2.0) as env:
+        env.reset(seed=5)
+        snapshot = env.snapshot()
+        drawn = env.np_random.random(3)
+        env.restore(snapshot)
+        assert (env.np_random.random(3) == drawn).all()
+        env.restore(snapshot)
+        with env.fork() as fork:
+            assert fork.np_random is not env.np_random
+            assert (fork.np_random.random(3) == drawn).all()
+            assert (env.np_random.random(3) == drawn).all()
+        snapshot.release()
+
+
 def test_env_fork_continues_the_same_episode_independently():
     with CodingEnv(timeout_s=2.0) as env:
         env.reset(seed=3)

@@ -86,6 +86,9 @@ def kill_tree(root: int, pgid: int | None = None, rounds: int = 20,
     orphans of killed descendants re-parent to it and stay visible. A fork bomb may add
     processes while we kill, hence the rounds.
     """
+    if root <= 1:
+        # Everything descends from init: a bogus pid must not take the machine down.
+        raise ValueError(f"refusing to kill the process tree of pid {root}")
     _signal(root, signal.SIGSTOP)
     for _ in range(rounds):
         # Killed children stay zombies under the stopped root: they are done with.
