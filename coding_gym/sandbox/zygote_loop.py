@@ -5,11 +5,13 @@ up the worker's step machinery, freezes its objects out of the garbage collector
 do not copy the pages it would touch), and then waits for requests.
 
 Each request carries the new worker's control socket, stdout and stderr pipes and a status
-socket, passed with ``SCM_RIGHTS``. The zygote keeps one child forked ahead (the *spare*, which
-drops the zygote's own sockets, gets fresh random state, enters the namespaces the last request
-asked for (``walls.py``) and, unless a request is already waiting, takes the copy-on-write
-faults of a start-up in advance) and hands the request to it, then forks the next spare. A
-request for other namespaces than the spare's gets a new spare. The spare starts a new session,
+socket, passed with ``SCM_RIGHTS``. The zygote keeps a child forked ahead (the *spare*, which
+drops the zygote's own sockets, gets fresh random state, enters the namespaces the request will
+ask for (``walls.py``) and, unless a request is already waiting, takes the copy-on-write
+faults of a start-up in advance) and hands the request to it, then forks the next spare: one
+spare for each kind of namespaces requests have asked for (at most four: network and
+filesystem layers on or off), so envs of different isolation in one process each find theirs
+ready. The spare starts a new session,
 moves to the episode's directory and environment and runs the same start-up path as a spawned
 worker (:func:`coding_gym.sandbox.worker.start`), completing its isolation. On the status
 socket the zygote reports the worker's pid at once (the parent moves it into its cgroup
@@ -48,6 +50,8 @@ _REMEMBERED_EXITS = 4096
 ZYGOTE_NAME = "cg-zygote"
 SPARE_NAME = "cg-zygote-spare"
 _PR_SET_NAME = 15
+#: The namespaces of the first spare: those of the default isolation.
+_DEFAULT_WALLS = (True, True)
 
 
 def main(argv: list[str]) -> None:
@@ -87,10 +91,8 @@ class _Loop:
         self.channel = channel
         self.watchers: dict[int, socket.socket] = {}
         self.exits: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self.spare: _Spare | None = None
-        # The namespaces the next spare builds: those of the last request (the default
-        # isolation until one comes).
-        self.walls_kind = (True, True)
+        #: (network, filesystem) namespaces -> the spare built for them.
+        self.spares: dict[tuple[bool, bool], _Spare] = {}
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
@@ -104,7 +106,7 @@ class _Loop:
         # Everything imported so far is shared with every child: keep the collector off it.
         gc.freeze()
         self.channel.send(json.dumps(ready).encode())
-        self._fork_spare()
+        self._fork_spare(_DEFAULT_WALLS)
         while True:
             for fd, _ in self.poller.poll():
                 if fd == self.wake_r:
@@ -140,8 +142,8 @@ class _Loop:
                 os.close(fd)
         return True
 
-    def _fork_spare(self) -> None:
-        """Fork the child that will take the next request.
+    def _fork_spare(self, kind: tuple[bool, bool]) -> None:
+        """Fork the child that will take the next request for namespaces of ``kind``.
 
         Forking ahead moves the fork, the namespaces and the copy-on-write faults of a
         child's first moments out of the reset that waits for the worker.
@@ -154,34 +156,23 @@ class _Loop:
             theirs.close()
             return
         if pid == 0:
-            self._wait_as_spare(theirs, ours)
+            self._wait_as_spare(theirs, ours, kind)
         theirs.close()
         self.exits.pop(pid, None)
-        self.spare = _Spare(pid, ours, self.walls_kind)
+        self.spares[kind] = _Spare(pid, ours)
 
-    def _drop_spare(self) -> None:
-        if self.spare is not None:
-            _kill(self.spare.pid)  # reaped, like any child, by _reap
-            self.spare.sock.close()
-            self.spare = None
-
-    def _hand_over(self, data: bytes, fds: list[int], walls_kind: tuple[bool, bool]) -> None:
-        """Give a fork request to the spare child, then make the next spare."""
+    def _hand_over(self, data: bytes, fds: list[int], kind: tuple[bool, bool]) -> None:
+        """Give a fork request to the spare of its kind, then make the next spare."""
         *worker_fds, status = fds
         status_sock = socket.socket(fileno=status)
-        if walls_kind != self.walls_kind:
-            # The spare is in namespaces this episode does not want: from now on, build
-            # the kind the envs ask for.
-            self.walls_kind = walls_kind
-            self._drop_spare()
-        if self.spare is None:
-            self._fork_spare()
-        if self.spare is None:
+        if kind not in self.spares:
+            self._fork_spare(kind)
+        spare = self.spares.pop(kind, None)
+        if spare is None:
             _send_quietly(status_sock, {"type": "error", "message": "fork failed"})
             status_sock.close()
         else:
-            pid, sock = self.spare.pid, self.spare.sock
-            self.spare = None
+            pid, sock = spare
             # The pid first: the parent moves it into its cgroup while it starts, and the
             # spare woken next must not keep the zygote from the CPU before it is sent.
             _send_quietly(status_sock, {"type": "forked", "pid": pid})
@@ -196,9 +187,10 @@ class _Loop:
             sock.close()
         for fd in worker_fds:
             os.close(fd)
-        self._fork_spare()
+        self._fork_spare(kind)
 
-    def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket) -> None:
+    def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket,
+                       kind: tuple[bool, bool]) -> None:
         """In a spare child: shed the zygote, wait for a request, become its worker."""
         code = 1
         try:
@@ -206,13 +198,14 @@ class _Loop:
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             # Detach before closing: a socket object collected later would close whatever
             # fd then has the same number.
-            for owned in (self.channel, zygote_end, *self.watchers.values()):
+            for owned in (self.channel, zygote_end, *self.watchers.values(),
+                          *(other.sock for other in self.spares.values())):
                 os.close(owned.detach())
             os.close(self.wake_r)
             os.close(self.wake_w)
             _set_process_name(SPARE_NAME)
             _reseed()
-            built = walls.build(*self.walls_kind)
+            built = walls.build(*kind)
             # Measured on 2 CPUs: warming up at once, beside the worker started just before,
             # beats waiting for a quiet moment, which back-to-back resets never leave.
             warm = not select.select([sock], [], [], 0)[0]
@@ -268,9 +261,10 @@ class _Loop:
             if pid == 0:
                 return
             returncode = os.waitstatus_to_exitcode(status)
-            if self.spare is not None and self.spare.pid == pid:
-                self.spare.sock.close()
-                self.spare = None
+            for kind, spare in list(self.spares.items()):
+                if spare.pid == pid:
+                    spare.sock.close()
+                    del self.spares[kind]
             sock = self.watchers.pop(pid, None)
             if sock is None:
                 self.exits[pid] = returncode
@@ -283,9 +277,8 @@ class _Loop:
 
     def _stop(self) -> None:
         """The env's process is gone or done: take the workers down with the zygote."""
-        for pid in self.watchers:
+        for pid in [*self.watchers, *(spare.pid for spare in self.spares.values())]:
             _kill(pid)
-        self._drop_spare()
 
 
 def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
@@ -304,11 +297,10 @@ def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
 
 
 class _Spare(NamedTuple):
-    """The child forked ahead: its pid, the socket the request goes down, its namespaces."""
+    """A child forked ahead: its pid, and the socket its request goes down."""
 
     pid: int
     sock: socket.socket
-    walls_kind: tuple[bool, bool]
 
 
 def _kill(pid: int) -> None:
