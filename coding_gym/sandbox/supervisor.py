@@ -29,6 +29,7 @@ from coding_gym.errors import SnapshotError, WorkerStartError
 from coding_gym.models import ExecResult, Limits
 from coding_gym.sandbox import bootstrap, processes, protocol
 from coding_gym.sandbox.cgroups import Cgroup
+from coding_gym.sandbox.exits import ExitWatch, OrphanExit, ReportedExit, SpawnedExit
 from coding_gym.sandbox.frozen import FrozenCopy, open_pidfd
 from coding_gym.sandbox.steps import Capture, StepRun, drain, run_many
 from coding_gym.sandbox.zygote import Zygote, ZygoteError
@@ -76,92 +77,10 @@ class _Channels:
             os.close(fd)
 
 
-class _ExitWatch:
-    """How the parent learns that a worker ended and how: ``fd`` turns readable when it has."""
-
-    fd = -1
-
-    def returncode(self, timeout_s: float) -> int | None:
-        """``Popen.returncode`` style (negative: killed by that signal); None if unknown."""
-        return None
-
-    def close(self) -> None:
-        pass
-
-
-class _SpawnedExit(_ExitWatch):
-    """A spawned worker is our child: wait for it like any child."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], pidfd: int | None) -> None:
-        self.proc = proc
-        self.fd = -1 if pidfd is None else pidfd
-
-    def returncode(self, timeout_s: float) -> int | None:
-        try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
-
-
-class _ReportedExit(_ExitWatch):
-    """The zygote reaps the worker and writes its exit status to a socket of ours."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.error = ""
-        self._known = False
-        self._returncode: int | None = None
-
-    def forked(self, timeout_s: float) -> int | None:
-        """The pid the zygote forked, which it reports first; None if it could not fork."""
-        message = self._next(timeout_s)
-        if message.get("type") == "forked" and isinstance(message.get("pid"), int):
-            return int(message["pid"])
-        self._record(message)
-        return None
-
-    def returncode(self, timeout_s: float) -> int | None:
-        if not self._known:
-            self._record(self._next(timeout_s))
-        return self._returncode
-
-    def _next(self, timeout_s: float) -> dict[str, Any]:
-        if not select.select([self.sock], [], [], timeout_s)[0]:
-            return {"type": "pending"}
-        try:
-            return dict(json.loads(self.sock.recv(4096) or b'{"type": "gone"}'))
-        except (OSError, ValueError, TypeError):
-            return {"type": "gone"}
-
-    def _record(self, message: dict[str, Any]) -> None:
-        if message.get("type") == "pending":
-            return
-        self._known = True
-        if message.get("type") == "exit" and isinstance(message.get("returncode"), int):
-            self._returncode = message["returncode"]
-        self.error = str(message.get("message", ""))
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class _OrphanExit(_ExitWatch):
-    """A copy adopted by init (no zygote): its pidfd says that it ended, not how."""
-
-    def __init__(self, pidfd: int | None) -> None:
-        self.fd = -1 if pidfd is None else pidfd
-
-    def returncode(self, timeout_s: float) -> int | None:
-        if self.fd >= 0:
-            select.select([self.fd], [], [], timeout_s)
-        return None
-
-
 class WorkerProcess:
     """One live worker. Create it with :meth:`start`; it is gone after :meth:`kill`."""
 
-    def __init__(self, channels: _Channels, exit_watch: _ExitWatch, cgroup: Cgroup | None,
+    def __init__(self, channels: _Channels, exit_watch: ExitWatch, cgroup: Cgroup | None,
                  zygote: Zygote | None) -> None:
         self.sock = channels.parent
         self.out_fd = channels.out_r
@@ -221,7 +140,7 @@ class WorkerProcess:
             raise WorkerStartError(f"could not start the sandbox worker: {e}") from e
         channels.close_child_ends()
         pidfd = open_pidfd(proc.pid)
-        worker = cls(channels, _SpawnedExit(proc, pidfd), cgroup, None)
+        worker = cls(channels, SpawnedExit(proc, pidfd), cgroup, None)
         worker.pidfd = pidfd
         worker._became(proc.pid)
         worker._await_ready(expected_pid=proc.pid)
@@ -244,7 +163,7 @@ class WorkerProcess:
         finally:
             theirs.close()
             channels.close_child_ends()
-        exit_watch = _ReportedExit(ours)
+        exit_watch = ReportedExit(ours)
         worker = cls(channels, exit_watch, cgroup, zygote)
         pid = exit_watch.forked(START_TIMEOUT_S)
         if pid is None:
@@ -296,14 +215,14 @@ class WorkerProcess:
     def _adopt(cls, channels: _Channels, cgroup: Cgroup | None, zygote: Zygote | None,
                origin: str) -> WorkerProcess:
         """Finish the start of a copy: learn its pid, then have its exit reported."""
-        worker = cls(channels, _ExitWatch(), cgroup, zygote)
+        worker = cls(channels, ExitWatch(), cgroup, zygote)
         worker._await_ready(origin=origin)
-        exit_watch: _ExitWatch = _OrphanExit(worker.pidfd)
+        exit_watch: ExitWatch = OrphanExit(worker.pidfd)
         if zygote is not None and zygote.alive:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 zygote.watch(worker.pid, theirs.fileno())
-                exit_watch = _ReportedExit(ours)
+                exit_watch = ReportedExit(ours)
             except ZygoteError:
                 ours.close()
             finally:
@@ -551,7 +470,7 @@ class WorkerProcess:
                 return
             self.alive = False
             self._signal_tree()
-        if self.pid > 0 and isinstance(self._exit, _SpawnedExit):
+        if self.pid > 0 and isinstance(self._exit, SpawnedExit):
             self._exit.returncode(5.0)  # our child: reap it
         self.sock.close()
 
