@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+from coding_gym.backends.episode import Episode, Home, Snapshot
 from coding_gym.errors import BackendError, SnapshotError, WorkerStartError
 from coding_gym.models import ExecResult, Isolation, Limits
 from coding_gym.sandbox import cgroups, isolation, steps, zygote
@@ -33,107 +31,6 @@ _MAX_PARKED = 4096
 _MB = 1 << 20
 _ROLLED_BACK_NOTE = ("[coding_gym] the step was rolled back: the interpreter is as it was "
                      "before it.\n")
-
-
-class _Home:
-    """An episode's directory and uid, shared by its interpreter's copies (snapshots, forks).
-
-    Removed, and the uid given back, when the last of them lets go: a copy keeps the directory
-    of the interpreter it copies (the filesystem layer binds it at its own path) and its uid.
-    """
-
-    def __init__(self, uid_lease: UidLease | None) -> None:
-        self.path = tempfile.mkdtemp(prefix="coding-gym-")
-        self.uid_lease = uid_lease
-        self._users = 1
-        self._lock = threading.Lock()
-
-    @property
-    def uid(self) -> int | None:
-        return self.uid_lease.uid if self.uid_lease is not None else None
-
-    def share(self) -> _Home:
-        with self._lock:
-            self._users += 1
-        return self
-
-    def release(self) -> None:
-        with self._lock:
-            self._users -= 1
-            last = self._users == 0
-        if last:
-            shutil.rmtree(self.path, ignore_errors=True)
-            # Last: the uid may go to another episode only once no process of this one is left.
-            if self.uid_lease is not None:
-                self.uid_lease.release()
-
-
-class Snapshot:
-    """A saved interpreter: give it to :meth:`LocalBackend.restore`, as many times as needed.
-
-    It is a frozen copy-on-write fork of the worker, so it costs little memory until the live
-    interpreter diverges. It lasts until :meth:`release` (or the ``with`` block, or garbage
-    collection), or until the backend that took it is closed.
-    """
-
-    def __init__(self, copy: FrozenCopy, home: _Home) -> None:
-        self.copy = copy
-        self.home = home
-        self._finalizer = weakref.finalize(self, _release_snapshot, copy, home, os.getpid())
-
-    @property
-    def released(self) -> bool:
-        return not self._finalizer.alive
-
-    def release(self) -> None:
-        """Free the frozen process; safe to call twice."""
-        self._finalizer()
-
-    def __enter__(self) -> Snapshot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _release_snapshot(copy: FrozenCopy, home: _Home, owner: int) -> None:
-    if os.getpid() == owner:  # not in a forked child of the owner: the processes are not its
-        copy.release()
-        home.release()
-
-
-class _Episode:
-    """Everything a backend holds: released by close or GC, so no process outlives it."""
-
-    def __init__(self) -> None:
-        self.owner = os.getpid()
-        self.worker: WorkerProcess | None = None
-        self.home: _Home | None = None
-        self.cgroup: Cgroup | None = None
-        self.parking: Cgroup | None = None
-        self.snapshots: weakref.WeakSet[Snapshot] = weakref.WeakSet()
-
-    def release_interpreter(self) -> None:
-        if self.worker is not None:
-            self.worker.close()
-            self.worker = None
-        if self.home is not None:
-            self.home.release()
-            self.home = None
-
-    def release(self) -> None:
-        if os.getpid() != self.owner:
-            # A forked child of the owner collecting its copy of the backend: the worker, the
-            # directory and the cgroups are the owner's, and stay.
-            return
-        self.release_interpreter()
-        for snapshot in list(self.snapshots):
-            snapshot.release()
-        for group in (self.cgroup, self.parking):
-            if group is not None:
-                group.kill()
-                group.remove()
-        self.cgroup = self.parking = None
 
 
 class LocalBackend:
@@ -181,7 +78,7 @@ class LocalBackend:
         self.preload = None if preload is None else tuple(preload)
         self.transactional = bool(transactional)
         self._isolation_report: dict[str, Any] = {}
-        self._episode = _Episode()
+        self._episode = Episode()
         self._closed = False
         # Kill the worker even if the caller never closes: no process may outlive the env.
         self._finalizer = weakref.finalize(self, self._episode.release)
@@ -210,7 +107,7 @@ class LocalBackend:
                 lease = UidLease.acquire()
             except OSError as e:
                 logger.warning("no uid for the episode, the user layer is off: %s", e)
-        episode.home = _Home(lease)
+        episode.home = Home(lease)
         episode.worker = self._start_worker()
 
     def run(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
