@@ -47,8 +47,9 @@ def _cgroup_dirs() -> int:
     return len(glob.glob(os.path.join(support.memory_dir, f"coding-gym-{os.getpid()}-*")))
 
 
-def count() -> Counts:
-    pids = descendant_pids()
+def count(foreign: set[int]) -> Counts:
+    """Counts of this process and its descendants, but for ``foreign`` ones (other tests')."""
+    pids = descendant_pids() - foreign
     return Counts(
         processes=len(pids),
         fds=len(os.listdir("/proc/self/fd")),
@@ -57,24 +58,27 @@ def count() -> Counts:
     )
 
 
-def settled(env: CodingEnv, timeout_s: float = 15.0) -> Counts:
+def settled(env: CodingEnv, foreign: set[int], timeout_s: float = 15.0) -> Counts:
     """Counts once only the live worker is left: the exits of the ones before it, and of
     what they started, are asynchronous."""
     live = {env.unwrapped.backend.worker_pid}
     deadline = time.monotonic() + timeout_s
-    while descendant_pids() - live and time.monotonic() < deadline:
+    while descendant_pids() - live - foreign and time.monotonic() < deadline:
         time.sleep(0.05)
-    return count()
+    return count(foreign)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_thousand_resets_leave_nothing_behind():
+    # Workers of other tests' envs that are still alive (module fixtures) come and go on
+    # their own: not this test's to count.
+    foreign = descendant_pids()
     with CodingEnv(timeout_s=1.0, memory_mb=256) as env:
         for _ in range(20):  # warm up: the zygote, imports, allocator pools
             env.reset()
             env.step("x = 1")
-        before = settled(env)
+        before = settled(env, foreign)
         workdirs = set()
         for episode in range(RESETS):
             env.reset()
@@ -83,7 +87,7 @@ def test_a_thousand_resets_leave_nothing_behind():
                 else "x = sum(range(100))"
             env.step(code)
         env.reset()
-        after = settled(env)
+        after = settled(env, foreign)
     assert after.processes == before.processes, (before, after)
     assert after.fds == before.fds, (before, after)
     assert after.cgroups == before.cgroups, (before, after)

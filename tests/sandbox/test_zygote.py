@@ -225,21 +225,30 @@ def test_each_worker_gets_the_namespaces_its_isolation_asks_for():
     """Spares build namespaces ahead of the request: a request for other layers must still
     get exactly what it asks for, in any order."""
     host = (os.readlink("/proc/self/ns/net"), os.readlink("/proc/self/ns/mnt"))
-    seen: set[str] = set()
-    for isolation in ({}, {"network": False, "filesystem": False}, {"network": False}, {},
-                      {"filesystem": False}, {"network": False, "filesystem": False}):
-        with _backend(isolation=isolation) as backend:
+    asked = ({}, {"network": False, "filesystem": False}, {"network": False}, {},
+             {"filesystem": False}, {"network": False, "filesystem": False}, {})
+    backends = []
+    try:
+        # All alive at once: the kernel reuses a namespace's number once it is gone.
+        for isolation in asked:
+            backends.append(_backend(isolation=isolation))
+        own_networks = []
+        for isolation, backend in zip(asked, backends, strict=True):
             net, mnt = backend.run(_NAMESPACES).stdout.split()
             layers = backend.describe()["isolation"]
-        wants_net = isolation.get("network", True)
-        wants_fs = isolation.get("filesystem", True)
-        assert (net != host[0]) == wants_net, (isolation, net)
-        assert (mnt != host[1]) == wants_fs, (isolation, mnt)
-        assert layers["network"]["active"] is wants_net
-        assert layers["filesystem"]["active"] is wants_fs
-        if wants_net:
-            assert net not in seen  # a namespace of its own, never one of another worker
-            seen.add(net)
+            wants_net = isolation.get("network", True)
+            wants_fs = isolation.get("filesystem", True)
+            assert (net != host[0]) == wants_net, (isolation, net)
+            assert (mnt != host[1]) == wants_fs, (isolation, mnt)
+            assert layers["network"]["active"] is wants_net
+            assert layers["filesystem"]["active"] is wants_fs
+            if wants_net:
+                own_networks.append(net)
+        # A namespace of its own, never one of another worker.
+        assert len(set(own_networks)) == len(own_networks) == 4
+    finally:
+        for backend in backends:
+            backend.close()
 
 
 def test_a_worker_of_the_same_uid_cannot_kill_its_zygote():
