@@ -11,8 +11,8 @@ Reported: errors (an exception from the client, an infrastructure error, a wrong
 an ordinary program, a step that took longer than its limit plus one second; counted by kind,
 and a slow step by where its time went: in the sandbox, or in a reply that also waited for a
 new interpreter after the last step killed one, or elsewhere; an ordinary program that a
-limit stopped, saying so, because earlier hostile steps of its episode had used it up, is
-listed but is no error), growth of the
+limit stopped, saying so (earlier hostile steps of its episode used up its memory, or the
+CPUs were too busy for it), is listed but is no error), growth of the
 server's resident memory (its own and that of its descendants, idle before and after),
 processes left behind, and the server's fds. Targets over 10 minutes with 32 sessions:
 0 errors, under 5 % memory growth, 0 processes left.
@@ -50,7 +50,7 @@ MEMORY_MB = 256
 #: How much longer than its limit a step may take.
 SLACK_S = 1.0
 #: The kind of report that is no fault of the sandbox (see session_loop).
-_NOT_AN_ERROR = "stopped by a limit the episode had used up"
+_NOT_AN_ERROR = "ordinary program stopped by a limit, saying so"
 #: Share of steps that run a hostile program.
 HOSTILE_SHARE = 0.3
 RESET_SHARE = 0.1
@@ -255,9 +255,10 @@ def session_loop(index: int, url: str, until: float, seed: int, hostile: list[st
                 tally.error(f"session {index}: {label!r} took {elapsed:.2f} s (in the sandbox "
                             f"{in_sandbox:.2f} s)", kind)
             if expected is not None and observation["stdout"] != expected:
-                # An ordinary program stopped by a limit, and saying so, is the episode's own
-                # doing: a memory bomb's list or a full /tmp from an earlier step still holds
-                # its memory. Counted apart, not as a wrong answer of the sandbox.
+                # An ordinary program stopped by a limit, and saying so, is no wrong answer of
+                # the sandbox: a memory bomb's list or a full /tmp from an earlier step of the
+                # episode still holds its memory, or the CPUs were too busy for it to finish
+                # in time. Counted apart.
                 kind = _NOT_AN_ERROR if info.get("kill_reason") else "wrong answer"
                 tally.error(f"session {index}: {label!r} printed "
                             f"{observation['stdout'][:80]!r} (exit {observation['exit_code']}, "
