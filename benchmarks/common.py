@@ -8,7 +8,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,7 +92,7 @@ def save(fig: Any, name: str) -> Path:
     return path
 
 
-def plot_ecdf(name: str, title: str, samples: dict[str, Sequence[float]],
+def plot_ecdf(name: str, title: str, samples: Mapping[str, Sequence[float]],
               unit: str = "µs", scale: float = 1e6) -> Path:
     """Latency distributions as empirical CDFs on a log axis, one line per design."""
     fig, axes = figure()
