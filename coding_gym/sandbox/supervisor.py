@@ -11,7 +11,6 @@ fresh ``sys.executable`` (the fallback), or woken from a frozen copy of another 
 from __future__ import annotations
 
 import array
-import fcntl
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from coding_gym.errors import SnapshotError, WorkerStartError
 from coding_gym.models import ExecResult, Limits
 from coding_gym.sandbox import bootstrap, processes, protocol
 from coding_gym.sandbox.cgroups import Cgroup
+from coding_gym.sandbox.channels import Channels
 from coding_gym.sandbox.exits import ExitWatch, OrphanExit, ReportedExit, SpawnedExit
 from coding_gym.sandbox.frozen import FrozenCopy, open_pidfd
 from coding_gym.sandbox.steps import Capture, StepRun, drain, run_many
@@ -38,49 +38,14 @@ logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
 _CHUNK = 1 << 16
-_PIPE_BYTES = 1 << 20
-_F_SETPIPE_SZ = 1031
 _UCRED = struct.Struct("3i")
 _ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * array.array("i").itemsize)
-
-
-class _Channels:
-    """The fds of a worker to be: control socket pair, stdout and stderr pipes."""
-
-    def __init__(self) -> None:
-        self.parent, self.child = socket.socketpair()
-        # The kernel attaches the sender's pid to what arrives while this is on: that is how
-        # the parent learns which process the worker is, whoever started it.
-        self.parent.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.parent.setblocking(False)
-        self.out_r, self.out_w = os.pipe()
-        self.err_r, self.err_w = os.pipe()
-        os.set_blocking(self.out_r, False)
-        os.set_blocking(self.err_r, False)
-        for fd in (self.out_w, self.err_w):
-            try:
-                fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
-            except OSError:
-                pass  # bigger pipes only save wake-ups
-
-    def child_fds(self) -> list[int]:
-        return [self.child.fileno(), self.out_w, self.err_w]
-
-    def close_child_ends(self) -> None:
-        self.child.close()
-        for fd in (self.out_w, self.err_w):
-            os.close(fd)
-
-    def close_parent_ends(self) -> None:
-        self.parent.close()
-        for fd in (self.out_r, self.err_r):
-            os.close(fd)
 
 
 class WorkerProcess:
     """One live worker. Create it with :meth:`start`; it is gone after :meth:`kill`."""
 
-    def __init__(self, channels: _Channels, exit_watch: ExitWatch, cgroup: Cgroup | None,
+    def __init__(self, channels: Channels, exit_watch: ExitWatch, cgroup: Cgroup | None,
                  zygote: Zygote | None) -> None:
         self.sock = channels.parent
         self.out_fd = channels.out_r
@@ -125,7 +90,7 @@ class WorkerProcess:
     @classmethod
     def _spawn(cls, config: dict[str, Any], environment: dict[str, str],
                cgroup: Cgroup | None) -> WorkerProcess:
-        channels = _Channels()
+        channels = Channels()
         try:
             proc = subprocess.Popen(
                 bootstrap.python_command("worker", str(channels.child.fileno()),
@@ -149,7 +114,7 @@ class WorkerProcess:
     @classmethod
     def _fork_from(cls, zygote: Zygote, config: dict[str, Any], environment: dict[str, str],
                    cgroup: Cgroup | None) -> WorkerProcess:
-        channels = _Channels()
+        channels = Channels()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             zygote.fork_worker(
@@ -182,7 +147,7 @@ class WorkerProcess:
         worker being replaced is killed there, cgroup included, for the new one enters
         ``cgroup`` only once it is ready.
         """
-        channels = _Channels()
+        channels = Channels()
         try:
             copy.wake(channels.child_fds())
         except WorkerStartError:
@@ -196,7 +161,7 @@ class WorkerProcess:
 
     def fork(self, *, cgroup: Cgroup | None) -> WorkerProcess:
         """A new worker forked from this one: same variables, its own pipes and cgroup."""
-        channels = _Channels()
+        channels = Channels()
         try:
             if not self.send({"cmd": "fork"}, START_TIMEOUT_S, channels.child_fds()):
                 raise WorkerStartError("the worker died before it could be forked")
@@ -212,7 +177,7 @@ class WorkerProcess:
         return self._adopt(channels, cgroup, self.zygote, "the worker")
 
     @classmethod
-    def _adopt(cls, channels: _Channels, cgroup: Cgroup | None, zygote: Zygote | None,
+    def _adopt(cls, channels: Channels, cgroup: Cgroup | None, zygote: Zygote | None,
                origin: str) -> WorkerProcess:
         """Finish the start of a copy: learn its pid, then have its exit reported."""
         worker = cls(channels, ExitWatch(), cgroup, zygote)
