@@ -24,14 +24,15 @@ if "CodingEnv-v0" not in registry:
 
 if TYPE_CHECKING:
     from coding_gym.backends.local import LocalBackend
-    from coding_gym.env import CodingEnv, EnvSnapshot
+    from coding_gym.env import CodingEnv
+    from coding_gym.env_snapshot import EnvSnapshot
     from coding_gym.spaces import AnyText
     from coding_gym.vector import CodingVectorEnv
 
 _LAZY = {
     "CodingEnv": "coding_gym.env",
     "CodingVectorEnv": "coding_gym.vector",
-    "EnvSnapshot": "coding_gym.env",
+    "EnvSnapshot": "coding_gym.env_snapshot",
     "LocalBackend": "coding_gym.backends.local",
     "AnyText": "coding_gym.spaces",
 }

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
-import numpy as np
 from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
 from coding_gym import transforms
 from coding_gym.backends import Backend, make_backend
+from coding_gym.env_snapshot import EnvSnapshot, restored_rng, saved_rng
 from coding_gym.errors import BackendError, InvalidAction, SnapshotError
 from coding_gym.models import ExecResult, Limits
 from coding_gym.spaces import AnyText
@@ -25,7 +25,7 @@ from coding_gym.tasks.task import Task
 from coding_gym.transforms import RewardTransform
 
 if TYPE_CHECKING:
-    from coding_gym.backends.local import LocalBackend, Snapshot
+    from coding_gym.backends.local import LocalBackend
 
 Observation = dict[str, Any]
 
@@ -399,9 +399,7 @@ class CodingEnv(gym.Env[Observation, str]):
             "episode_id": self.episode_id,
             "step_count": self.step_count,
             "last": self._last,
-            # The bit generator's state, not a deep copy of the Generator (100 µs, most of
-            # the env's share of a snapshot).
-            "np_random": (type(self.np_random.bit_generator), self.np_random.bit_generator.state),
+            "np_random": saved_rng(self.np_random),
         }
         if self._tasks is not None:
             state["tasks"] = self._tasks.state()
@@ -411,10 +409,7 @@ class CodingEnv(gym.Env[Observation, str]):
         self.episode_id = state["episode_id"]
         self.step_count = state["step_count"]
         self._last = state["last"]
-        kind, rng_state = state["np_random"]
-        bit_generator = kind()
-        bit_generator.state = rng_state
-        self.np_random = np.random.Generator(bit_generator)
+        self.np_random = restored_rng(state["np_random"])
         if self._tasks is not None and "tasks" in state:
             self._tasks.set_state(state["tasks"])
 
@@ -439,28 +434,6 @@ def _task_episodes(tasks: list[Task], backend: str | Backend, limits: Limits,
         backend, backend_options = "local", {}
     grading_backend = make_backend(backend, grading_limits(limits), **backend_options)
     return TaskEpisodes(tasks, Grader(grading_backend), binary_reward=binary_reward)
-
-
-class EnvSnapshot:
-    """A saved episode of a :class:`CodingEnv`, from :meth:`CodingEnv.snapshot`.
-
-    Holds a frozen copy of the interpreter (a process, sharing memory copy-on-write) until
-    :meth:`release`, the end of a ``with`` block, garbage collection, or the env's close.
-    """
-
-    def __init__(self, interpreter: Snapshot, episode: dict[str, Any]) -> None:
-        self.interpreter = interpreter
-        self.episode = episode
-
-    def release(self) -> None:
-        """Free the frozen interpreter; safe to call twice."""
-        self.interpreter.release()
-
-    def __enter__(self) -> EnvSnapshot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def backend_failure(error: BackendError) -> ExecResult:
