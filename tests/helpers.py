@@ -15,10 +15,11 @@ def descendant_pids(root: int | None = None) -> set[int]:
     from coding_gym.sandbox.zygote_loop import SPARE_NAME, ZYGOTE_NAME
 
     return {pid for pid in descendants(os.getpid() if root is None else root)
-            if _process_name(pid) not in (ZYGOTE_NAME, SPARE_NAME)}
+            if process_name(pid) not in (ZYGOTE_NAME, SPARE_NAME)}
 
 
-def _process_name(pid: int) -> str:
+def process_name(pid: int) -> str:
+    """/proc/PID/comm, or "" once the process is gone."""
     try:
         with open(f"/proc/{pid}/comm") as f:
             return f.read().strip()

@@ -12,7 +12,7 @@ import pytest
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
 from coding_gym.sandbox import zygote, zygote_loop
-from tests.helpers import descendant_pids
+from tests.helpers import descendant_pids, process_name
 
 
 def _backend(**kwargs) -> LocalBackend:
@@ -177,14 +177,6 @@ def descendant_pids_of(pid: int) -> list[int]:
     return descendants(pid)
 
 
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 def test_shutdown_stops_the_zygote_its_workers_and_its_spare():
     backend = _backend()
     found = zygote.get()
@@ -210,7 +202,7 @@ def _spare_of(zygote_pid: int) -> int:
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
         spares = [pid for pid in descendant_pids_of(zygote_pid)
-                  if _comm(pid) == zygote_loop.SPARE_NAME]
+                  if process_name(pid) == zygote_loop.SPARE_NAME]
         if spares:
             return spares[0]
         time.sleep(0.01)
