@@ -65,9 +65,6 @@ class Copies:
     #: Set by isolation.apply in a live worker; a frozen copy is none, or the workers it forks
     #: would stay its children instead of going to the zygote.
     _subreaper: bool = True
-    #: An intermediate process still making a copy (0: none), and what to put back after it.
-    _intermediate = 0
-    _after_intermediate: tuple[bool, Any] = (False, None)
     copy_error = ""
     #: The scheduling policy of the worker a frozen copy was made of.
     _policy = -1
@@ -126,19 +123,6 @@ class Copies:
             self.channel.close()
             self.take_channels(fds)
         return in_copy
-
-    def settle(self) -> None:
-        """Reap the intermediate of the last double fork, and become a subreaper again."""
-        if self._intermediate:
-            pid, self._intermediate = self._intermediate, 0
-            subreaper, sigchld = self._after_intermediate
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-            if subreaper:
-                _set_subreaper(True)
-            _restore_handler(_SIGCHLD, sigchld)
 
     def take_channels(self, fds: list[int]) -> None:
         """Become a worker talking over ``fds`` = [control socket, stdout, stderr]."""
@@ -246,7 +230,6 @@ class Copies:
         fork, whose intermediate is waited for: the copy has left our process tree when this
         returns (or the worker's kill could take it along, with no cgroup to park it in).
         """
-        self.settle()
         random_state = _random_state()
         pid = _fork_beside(leaving) if beside else None
         if pid is None:
@@ -286,8 +269,15 @@ class Copies:
             except BaseException:  # noqa: BLE001 - never return into the loop from here
                 _exit(1)
             return 0
-        self._intermediate, self._after_intermediate = pid, (subreaper, sigchld)
-        self.settle()
+        # The intermediate exits at once: once it is reaped, the copy has left our tree.
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        finally:
+            if subreaper:
+                _set_subreaper(True)
+            _restore_handler(_SIGCHLD, sigchld)
         return pid
 
 

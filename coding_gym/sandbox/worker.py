@@ -123,7 +123,6 @@ class Worker(Copies):
             request, fds = self.channel.recv()
             if request is None:
                 return
-            self.settle()
             command = request.get("cmd")
             reply_fds: list[int] = []
             if command == "run":
