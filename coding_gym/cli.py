@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from coding_gym import __version__
 from coding_gym.models import Limits
@@ -154,14 +155,25 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         webbrowser.open(f"{url}/web/")
     serving.redact_tokens_in_logs()
     server = uvicorn.Server(serving.uvicorn_config(app, log_level="info"))
+    interrupted: list[int] = []
+    handle_exit = server.handle_exit
+
+    def note_interrupt(sig: int, frame: Any) -> None:
+        if sig == signal.SIGINT:
+            interrupted.append(sig)
+        handle_exit(sig, frame)
+
+    # uvicorn re-raises Ctrl-C after its shutdown, but asyncio's runner may turn that into a
+    # cancellation of a task that has already finished, and run() then returns normally.
+    server.handle_exit = note_interrupt  # type: ignore[method-assign]
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:
-        # uvicorn has shut down cleanly and re-raised Ctrl-C: exit as shells expect.
-        return 130
+        interrupted.append(signal.SIGINT)
     finally:
         sock.close()
-    return 0
+    # Ctrl-C, after a clean shutdown: exit as shells expect.
+    return 130 if interrupted else 0
 
 
 def _cmd_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
