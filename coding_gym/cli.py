@@ -135,6 +135,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
     from coding_gym.server import create_app
 
+    serving.tune_allocator()
     app = create_app(limits=_limits(args), max_sessions=args.max_sessions,
                      idle_timeout_s=args.idle_timeout_s, token=token,
                      any_host=args.insecure)

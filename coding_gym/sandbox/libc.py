@@ -20,3 +20,17 @@ def error(what: str) -> OSError:
     """An OSError for the errno of the C call that just failed."""
     number = ctypes.get_errno()
     return OSError(number, f"{what}: {os.strerror(number)}")
+
+
+#: ``mallopt`` parameters (glibc's malloc.h).
+M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+
+
+def mallopt(param: int, value: int) -> bool:
+    """Set a glibc malloc parameter; False where the C library has no ``mallopt`` or refuses."""
+    try:
+        function = libc().mallopt
+    except AttributeError:
+        return False
+    return bool(function(param, value))
