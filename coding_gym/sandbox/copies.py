@@ -224,7 +224,8 @@ class Copies:
 
     def _detached_fork(self, beside: bool, leaving: int = -1) -> bool:
         """Fork a copy of this interpreter that is not our child: True in the copy, which
-        starts a new session first thing, then closes ``leaving`` (if given).
+        leads a process group of its own first thing, then closes ``leaving`` (if given). It
+        stays in the worker's session, so in its CPU scheduling group (see isolation.py).
 
         ``beside``: our parent may be the copy's. Otherwise, or where that fails, a double
         fork, whose intermediate is waited for: the copy has left our process tree when this
@@ -262,7 +263,7 @@ class Copies:
             try:
                 if _fork():
                     _exit(0)
-                os.setsid()
+                os.setpgid(0, 0)
                 if leaving >= 0:
                     os.close(leaving)
                 _restore_handler(_SIGCHLD, sigchld)
@@ -316,7 +317,8 @@ class _Clone:
         self.syscall = python.syscall
         self.syscall.restype = ctypes.c_long
         self.syscall.argtypes = [ctypes.c_long] * 6
-        self.setsid = python.setsid
+        self.setpgid = python.setpgid
+        self.setpgid.argtypes = [ctypes.c_int, ctypes.c_int]
         self.close = python.close
         self.close.argtypes = [ctypes.c_int]
         self.before = python.PyOS_BeforeFork
@@ -329,13 +331,13 @@ class _Clone:
     def fork(self, flags: int, leaving: int) -> int:
         """``os.fork`` with these clone ``flags``: 0 in the child, its pid in the parent.
 
-        The child starts a new session before the interpreter's after-fork steps, whose
+        The child leads a process group of its own before the interpreter's after-fork steps, whose
         copy-on-write faults take a while, then closes ``leaving`` (if not -1).
         """
         self.before()
         pid = self.syscall(_SYS_CLONE, flags | _SIGCHLD, 0, 0, 0, 0)
         if pid == 0:
-            self.setsid()
+            self.setpgid(0, 0)
             if leaving >= 0:
                 self.close(leaving)
             self.after_in_child()
@@ -351,7 +353,7 @@ _clone: _Clone | None = None
 
 
 def _fork_beside(leaving: int = -1) -> int | None:
-    """Fork a child of our own parent (0 in it, else its pid), in a new session, closing
+    """Fork a child of our own parent (0 in it, else its pid), in a process group of its own, closing
     ``leaving`` once there; None where that cannot be done."""
     global _clone
     if _SYS_CLONE is None:

@@ -33,6 +33,8 @@ from coding_gym.sandbox.walls import Report
 
 _MB = 1024 * 1024
 _NICE = 19
+#: /proc/self/autogroup, opened by :func:`hold_session_priority` (-1: not there).
+_autogroup: int | None = None
 
 #: Layers applied inside the worker, in the order of :func:`apply`; the parent adds "cgroup".
 WORKER_LAYERS = ("network", "filesystem", "user", "rlimits", "seccomp")
@@ -152,6 +154,7 @@ def apply(config: Mapping[str, Any], built: walls.Walls | None = None) -> Report
     layers: Mapping[str, bool] = config["layers"]
     report: Report = {}
     become_subreaper()
+    hold_session_priority()
     if built is not None and built.kind != walls.kind_of(config):
         raise IsolationError(f"namespaces built for (network, filesystem) = {built.kind}, "
                              f"but the episode asks for {walls.kind_of(config)}")
@@ -165,6 +168,8 @@ def apply(config: Mapping[str, Any], built: walls.Walls | None = None) -> Report
         uid = None
 
     report.update(walls.finish(config, hidden, built or walls.build(*walls.kind_of(config))))
+    # Before the uid changes: only a privileged caller may set it whenever it likes.
+    session_nice = _lower_session_priority(layers["rlimits"])
 
     if uid is not None:
         try:
@@ -181,6 +186,7 @@ def apply(config: Mapping[str, Any], built: walls.Walls | None = None) -> Report
     else:
         try:
             detail = _apply_rlimits(config["limits"], own_uid=report["user"]["active"])
+            detail += session_nice
             _on(report, "rlimits", detail)
         except (OSError, ValueError) as e:
             _off(report, "rlimits", f"setrlimit failed: {e}")
@@ -249,6 +255,47 @@ def _set_limit(kind: int, value: int) -> None:
     if hard != resource.RLIM_INFINITY:
         value = min(value, hard)
     resource.setrlimit(kind, (value, value))
+
+
+def hold_session_priority() -> None:
+    """Open, while /proc is still writable, what :func:`apply` lowers the CPU weight of the
+    worker's session through once the session exists (the filesystem layer mounts /proc
+    read-only). For a process that will become a worker; a second call keeps the first."""
+    global _autogroup
+    if _autogroup is None:
+        try:
+            _autogroup = os.open("/proc/self/autogroup", os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            _autogroup = -1  # no automatic grouping here: nice alone applies
+
+
+def _lower_session_priority(lower: bool) -> str:
+    """Give the worker's session the lowest CPU weight (if ``lower``); a note for the
+    report, or "".
+
+    With automatic process grouping (``kernel.sched_autogroup_enabled``, on by default in
+    most distributions) the scheduler shares the CPUs among sessions first and looks at nice
+    values only within one, so every worker, in a session of its own, would weigh as much as
+    the parent and the zygote together, whatever its nice: the fork bombs and endless loops
+    of a few episodes would starve the process that replaces their interpreters. Copies of
+    the worker stay in its session (and group).
+    """
+    global _autogroup
+    fd, _autogroup = _autogroup, None
+    if fd is None or fd < 0:
+        return ""
+    try:
+        if not lower:
+            return ""
+        # Never lower the group of a session that is not the worker's own.
+        if os.getsid(0) != os.getpid():
+            return ""
+        os.write(fd, str(_NICE).encode())
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+    return f", nice {_NICE} for its session's scheduling group"
 
 
 def _apply_rlimits(limits: Mapping[str, Any], own_uid: bool) -> str:

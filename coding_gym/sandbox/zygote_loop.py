@@ -205,6 +205,7 @@ class _Loop:
             os.close(self.wake_w)
             _set_process_name(SPARE_NAME)
             _reseed()
+            isolation.hold_session_priority()
             built = walls.build(*kind)
             # Measured on 2 CPUs: warming up at once, beside the worker started just before,
             # beats waiting for a quiet moment, which back-to-back resets never leave.
