@@ -353,8 +353,8 @@ _clone: _Clone | None = None
 
 
 def _fork_beside(leaving: int = -1) -> int | None:
-    """Fork a child of our own parent (0 in it, else its pid), in a process group of its own, closing
-    ``leaving`` once there; None where that cannot be done."""
+    """Fork a child of our own parent (0 in it, else its pid), leading a process group of its
+    own, closing ``leaving`` once there; None where that cannot be done."""
     global _clone
     if _SYS_CLONE is None:
         return None

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import coding_gym
+from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Isolation
 from coding_gym.sandbox import isolation, seccomp, uids, walls
 
@@ -145,6 +146,39 @@ def test_rlimits_layer_lowers_the_cpu_priority(workdir):
     active(outcome, "rlimits")
     assert outcome["answer"] == 19
     assert "nice 19" in outcome["report"]["rlimits"]["detail"]
+
+
+def _autogroup_nice() -> int | None:
+    """This process's session scheduling group's nice, where the kernel groups sessions."""
+    try:
+        with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
+            if f.read().strip() != "1":
+                return None
+        with open("/proc/self/autogroup") as f:
+            return int(f.read().split()[-1])
+    except OSError:
+        return None
+
+
+_SESSION = "import os; print(os.getsid(0), open('/proc/self/autogroup').read().split()[-1])"
+
+
+@pytest.mark.parametrize("start_method", ["zygote", "spawn"])
+def test_the_workers_session_gets_the_lowest_cpu_weight(start_method):
+    ours = _autogroup_nice()
+    with LocalBackend(start_method=start_method, transactional=True) as backend:
+        backend.reset()
+        session, nice = backend.run(_SESSION).stdout.split()
+        detail = backend.describe()["isolation"]["rlimits"]["detail"]
+        # A copy (here the one a transactional step keeps) stays in the worker's session.
+        backend.run("import os; os._exit(3)")
+        assert backend.run(_SESSION).stdout.split() == [session, nice]
+    assert _autogroup_nice() == ours, "the caller's own session must keep its weight"
+    if ours is None:
+        assert "scheduling group" not in detail
+    else:
+        assert nice == "19"
+        assert "nice 19 for its session's scheduling group" in detail
 
 
 # Network.
