@@ -110,6 +110,16 @@ class LocalBackend:
         episode.home = Home(lease)
         episode.worker = self._start_worker()
 
+    def prepare(self) -> None:
+        """Start the episode's interpreter now if the last step killed it (a no-op otherwise,
+        and before the first reset): the next step then finds it ready. A server calls it
+        once a killed step's reply is on its way, so that the new worker starts while the
+        client reads the reply and thinks."""
+        self._check_open()
+        episode = self._episode
+        if episode.home is not None and (episode.worker is None or not episode.worker.alive):
+            self._live_worker()
+
     def run(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
         """Run ``code`` in the episode's interpreter.
 

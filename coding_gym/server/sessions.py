@@ -152,6 +152,8 @@ class SessionManager:
         self._pool = ThreadPoolExecutor(max_sessions, thread_name_prefix="coding-gym-session")
         self._reaper: asyncio.Task[None] | None = None
         self._slot_freed = asyncio.Condition()
+        #: Interpreters being started ahead for sessions whose last step killed theirs.
+        self._replacing: set[asyncio.Task[None]] = set()
 
     @property
     def active(self) -> int:
@@ -204,10 +206,28 @@ class SessionManager:
         async with self._turn(session):
             backend = session.backend
             if session.episode_id is None or not stepping.ready_on_loop(backend, code):
-                return await asyncio.get_running_loop().run_in_executor(
+                reply = await asyncio.get_running_loop().run_in_executor(
                     self._pool, partial(session.step, code, timeout_s))
-            return session.record(await stepping.drive(backend, code,
-                                                       session.limit_s(timeout_s), self._pool))
+            else:
+                reply = session.record(await stepping.drive(
+                    backend, code, session.limit_s(timeout_s), self._pool))
+        if reply["info"].get("state_lost"):
+            # The step killed the interpreter: start its successor while the reply travels.
+            task = asyncio.get_running_loop().create_task(self._replace(session))
+            self._replacing.add(task)
+            task.add_done_callback(self._replacing.discard)
+        return reply
+
+    async def _replace(self, session: Session) -> None:
+        """Start the interpreter of a session whose last step killed it, in its turn."""
+        async with self._turn(session):
+            if session.closing or session.id not in self._sessions:
+                return
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._pool,
+                                                                 session.backend.prepare)
+            except Exception as e:  # noqa: BLE001 - the next step starts it, or says why not
+                logger.info("session %s: no interpreter ready ahead: %s", session.id[:8], e)
 
     @asynccontextmanager
     async def _turn(self, session: Session) -> AsyncIterator[None]:
