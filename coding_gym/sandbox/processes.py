@@ -146,3 +146,19 @@ def rss_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def restore_session_weight(pid: int) -> None:
+    """Give the scheduling group of ``pid``'s session its normal CPU weight back.
+
+    A worker lowers its session's weight (see ``isolation.py``); called just before the
+    worker is killed, so that its processes die and free their memory at once instead of
+    waiting for the CPU behind every other episode's code, while the episode's next
+    interpreter starts in the same cgroup. Best effort: where the kernel does not group
+    sessions, or refuses, nothing changes.
+    """
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write("0")
+    except OSError:
+        pass

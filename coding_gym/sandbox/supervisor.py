@@ -413,6 +413,7 @@ class WorkerProcess:
         self._unparked.clear()
         if self.pid <= 0:
             return
+        processes.restore_session_weight(self.pid)
         if self.cgroup is not None:
             # The cgroup holds every process of the worker, wherever it moved in the tree.
             if self.pidfd is not None:
