@@ -30,9 +30,9 @@ class StepLoop:
     Its ``epoll`` set outlives the batch: when a batch runs on the same workers as the one
     before (every step but those that start an episode), nothing is registered again, and
     waiting costs the kernel the fds that are ready, not a walk over every worker's fds as a
-    ``poll`` set does (1-2 µs per env-step on a 2-CPU VM, of about 40 µs). The set is rebuilt
-    whenever the workers change, never patched: the number of a closed worker's fd may
-    already be another file's.
+    ``poll`` set does: about 3 µs of the parent's 40 µs of CPU per env-step, 8 envs stepping
+    ``print(1)`` on a 2-CPU VM. The set is rebuilt whenever the workers change, never
+    patched: the number of a closed worker's fd may already be another file's.
     """
 
     def __init__(self) -> None:
