@@ -3,8 +3,8 @@
 ``gymnasium.make_vec("CodingEnv-v0", num_envs=N)`` returns it. Each sub-env is a full
 :class:`~coding_gym.env.CodingEnv` (tasks, rewards, limits and snapshots included); only the
 running of the code is batched: a step sends the N programs to the N workers, then drives them
-all with one ``poll`` loop (:func:`coding_gym.sandbox.steps.run_many`), with no process or
-thread per env in between. Resets of several envs run side by side in threads, as they mostly
+all with one ``epoll`` loop (:class:`coding_gym.sandbox.fanout.StepLoop`), with no process
+or thread per env in between. Resets of several envs run side by side in threads, as they mostly
 wait for the zygote. Backends other than the local one are stepped through the same
 :class:`~coding_gym.backends.Backend` interface in threads.
 """
@@ -24,7 +24,8 @@ from coding_gym.batching import ObservationBatcher, batch_infos
 from coding_gym.env import CodingEnv, Observation, backend_failure
 from coding_gym.errors import BackendError
 from coding_gym.models import ExecResult
-from coding_gym.sandbox.steps import StepRun, run_many
+from coding_gym.sandbox.fanout import StepLoop
+from coding_gym.sandbox.steps import StepRun
 
 
 class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
@@ -104,6 +105,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         self._truncations = np.zeros(num_envs, dtype=np.bool_)
         self._autoreset_envs = np.zeros(num_envs, dtype=np.bool_)
         self._pool: ThreadPoolExecutor | None = None
+        self._loop = StepLoop()
 
     # -- Gymnasium API -------------------------------------------------------------------------
 
@@ -195,6 +197,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
     def close_extras(self, **kwargs: Any) -> None:
         for env in self.envs:
             env.close()
+        self._loop.close()
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
@@ -258,7 +261,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         """Run ``codes[k]`` in sub-env ``indices[k]``; (result, infra error) for each."""
         backends = [self.envs[i].backend for i in indices]
         if all(isinstance(backend, LocalBackend) for backend in backends):
-            return _run_local(backends, codes)  # type: ignore[arg-type]
+            return _run_local(backends, codes, self._loop)  # type: ignore[arg-type]
         return list(self._threads().map(_run_one, backends, codes))
 
     def _reset_envs(self, indices: list[int], seeds: Sequence[int | None] | None,
@@ -284,9 +287,9 @@ def _run_one(backend: Any, code: str) -> tuple[ExecResult, str | None]:
         return backend_failure(e), str(e)
 
 
-def _run_local(backends: list[LocalBackend], codes: list[str]
+def _run_local(backends: list[LocalBackend], codes: list[str], loop: StepLoop
                ) -> list[tuple[ExecResult, str | None]]:
-    """One poll loop over every worker (see :func:`coding_gym.sandbox.steps.run_many`)."""
+    """One ``epoll`` loop over every worker (see :class:`coding_gym.sandbox.fanout.StepLoop`)."""
     outcomes: list[tuple[ExecResult, str | None] | None] = [None] * len(backends)
     started: list[tuple[int, StepRun]] = []
     for k, (backend, code) in enumerate(zip(backends, codes, strict=True)):
@@ -294,7 +297,7 @@ def _run_local(backends: list[LocalBackend], codes: list[str]
             started.append((k, backend.begin(code)))
         except BackendError as e:
             outcomes[k] = (backend_failure(e), str(e))
-    results = run_many([step for _, step in started])
+    results = loop.run([step for _, step in started])
     for (k, step), result in zip(started, results, strict=True):
         try:
             outcomes[k] = (backends[k].finish(step, result), None)

@@ -14,7 +14,7 @@ from coding_gym.models import ExecResult, Isolation, Limits
 from coding_gym.sandbox import cgroups, isolation, steps, zygote
 from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.frozen import FrozenCopy
-from coding_gym.sandbox.steps import StepRun, run_many
+from coding_gym.sandbox.steps import StepRun
 from coding_gym.sandbox.supervisor import WorkerProcess
 from coding_gym.sandbox.uids import UidLease
 
@@ -128,12 +128,12 @@ class LocalBackend:
         ``transactional``, the interpreter is rolled back instead.
         """
         step = self.begin(code, timeout_s=timeout_s)
-        return self.finish(step, run_many([step])[0])
+        return self.finish(step, step.wait())
 
     def begin(self, code: str, *, timeout_s: float | None = None) -> StepRun:
         """Send ``code`` to the worker without waiting: the first half of :meth:`run`.
 
-        Drive the step with :func:`coding_gym.sandbox.steps.run_many` (which can drive steps
+        Drive the step with :func:`coding_gym.sandbox.fanout.run_many` (which can drive steps
         of many backends at once), then pass it with its result to :meth:`finish`.
         """
         worker = self._live_worker()

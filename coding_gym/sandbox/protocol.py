@@ -41,7 +41,7 @@ RESULT = struct.Struct("<iBqqii")
 KILL_REASONS = (None, "timeout", "memory")
 #: How every whole result frame starts (its length, then ``r``), and its size.
 _RESULT_START = HEADER.pack(1 + RESULT.size) + b"r"
-_RESULT_FRAME_BYTES = len(_RESULT_START) + RESULT.size
+RESULT_FRAME_BYTES = len(_RESULT_START) + RESULT.size
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -116,7 +116,7 @@ class FrameReader:
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         if not self._buffer:
             # Exactly one whole message, the usual case: no buffering.
-            if len(data) == _RESULT_FRAME_BYTES and data.startswith(_RESULT_START):
+            if len(data) == RESULT_FRAME_BYTES and data.startswith(_RESULT_START):
                 return [decode_result(data, len(_RESULT_START))]
             if len(data) > HEADER.size and HEADER.unpack_from(data)[0] == len(data) - HEADER.size:
                 return [self._decode(data[HEADER.size:])]
@@ -133,6 +133,20 @@ class FrameReader:
             del self._buffer[:end]
             messages.append(message)
         return messages
+
+    @property
+    def kept(self) -> bool:
+        """Bytes are waiting for the rest of their message, or for :meth:`feed`."""
+        return bool(self._buffer)
+
+    def result(self, buffer: bytearray, size: int) -> tuple[int, int, int, int, int, int] | None:
+        """The fields of the result frame that ``buffer[:size]`` is (``RESULT``, the kill
+        reason as its index) when it is exactly one and nothing came before; else None, and
+        the bytes are kept for :meth:`feed`."""
+        if size == RESULT_FRAME_BYTES and not self._buffer and buffer.startswith(_RESULT_START):
+            return RESULT.unpack_from(buffer, len(_RESULT_START))
+        self._buffer += memoryview(buffer)[:size]
+        return None
 
     def _decode(self, body: bytes | bytearray) -> dict[str, Any]:
         if len(body) > self._max_bytes:

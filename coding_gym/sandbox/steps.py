@@ -1,7 +1,7 @@
 """Steps in flight: send code to workers, drain their output, enforce deadlines, build results.
 
-:func:`run_many` drives any number of steps on different workers with one ``poll`` loop, so N
-workers run at once without a thread or process per worker; a single step is the case N = 1.
+A :class:`StepRun` is driven alone by :meth:`StepRun.wait`, or with the steps of other workers
+by :mod:`coding_gym.sandbox.fanout`.
 
 Output arrives on two pipes per worker that this side drains while the step runs, so a program
 printing forever never blocks or fills memory: bytes past ``max_output_bytes`` are counted and
@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import signal
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from coding_gym.models import ExecResult, KillReason, Limits
-from coding_gym.sandbox.protocol import encode_run
+from coding_gym.sandbox.protocol import KILL_REASONS, encode_run
 
 if TYPE_CHECKING:
     from coding_gym.sandbox.cgroups import Cgroup
@@ -36,7 +34,6 @@ HARD_KILL_GRACE_S = 0.5
 #: How long a step runs before its output pipes are watched as well as its reply.
 QUIET_S = 0.002
 _CHUNK = 1 << 16
-_POLLIN = select.POLLIN
 _monotonic = time.monotonic
 _perf_counter = time.perf_counter
 
@@ -157,7 +154,15 @@ class StepRun:
         elif fd == worker.exit_fd:
             self._die()
         else:
-            for message, fds in worker.receive(with_fds=self.snapshot):
+            if not self.snapshot:
+                fields = worker.inbox.receive_result()
+                if fields is not None:
+                    exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending = fields
+                    self._conclude(exit_code,
+                                   KILL_REASONS[reason] if reason < len(KILL_REASONS) else None,
+                                   wall_ns, cpu_ns, out_pending, err_pending)
+                    return
+            for message, fds in worker.inbox.receive(with_fds=self.snapshot):
                 kind = message.get("type")
                 if kind == "result" and not fds:
                     self._finish(message)
@@ -175,22 +180,23 @@ class StepRun:
                 else:
                     self._die()
                     return
-            if not worker.connected:
+            if not worker.inbox.connected:
                 self._die()
 
     def _finish(self, reply: dict[str, Any]) -> None:
         """The worker replied: read what the step left in the pipes, and make the result."""
+        self._conclude(reply.get("exit_code"), reply.get("kill_reason"), reply.get("wall_ns"),
+                       reply.get("cpu_ns"), reply.get("out"), reply.get("err"))
+
+    def _conclude(self, exit_code: Any, kill_reason: Any, wall_ns: Any, cpu_ns: Any,
+                  out_pending: Any, err_pending: Any) -> None:
+        """:meth:`_finish` from the reply's fields, as the worker sent them."""
         worker, out, err = self.worker, self.out, self.err
         # Counts from the worker (0 for a silent stream: no read at all); drain checks them.
-        pending = reply.get("out")
-        if pending != 0 or type(pending) is not int:
-            drain(worker.out_fd, out, pending)
-        pending = reply.get("err")
-        if pending != 0 or type(pending) is not int:
-            drain(worker.err_fd, err, pending)
-        exit_code = reply.get("exit_code")
-        kill_reason = reply.get("kill_reason")
-        wall_ns, cpu_ns = reply.get("wall_ns"), reply.get("cpu_ns")
+        if out_pending != 0 or type(out_pending) is not int:
+            drain(worker.out_fd, out, out_pending)
+        if err_pending != 0 or type(err_pending) is not int:
+            drain(worker.err_fd, err, err_pending)
         # Durations are integer nanoseconds from the worker, which agent code could forge.
         # Fields by position, in ExecResult's order: keywords cost a dict per step.
         self.result = ExecResult(
@@ -299,56 +305,6 @@ class StepRun:
     @property
     def snapshot_error(self) -> str:
         return self._snapshot_error
-
-
-def run_many(runs: Sequence[StepRun]) -> list[ExecResult]:
-    """Drive every step to its result with one poll loop; results in the order of ``runs``."""
-    if len(runs) == 1:
-        return [runs[0].wait()]
-    poller = select.poll()
-    # The fds of a finished step stay registered until they wake the loop, which is rare: a
-    # worker that replied is silent. The number of a killed worker's fd may already belong to
-    # a new file by then, so it is forgotten by number, never read from.
-    owner: dict[int, StepRun] = {}
-    pending = 0
-    for run in runs:
-        if run.result is None:
-            pending += 1
-            worker = run.worker
-            for fd in (worker.sock.fileno(), worker.exit_fd):
-                if fd >= 0:
-                    poller.register(fd, _POLLIN)
-                    owner[fd] = run
-    quiet_until = _monotonic() + QUIET_S
-    quiet = True
-    deadline = min((run.deadline for run in runs if run.result is None), default=0.0)
-    while pending:
-        now = _monotonic()
-        if quiet and now >= quiet_until:
-            quiet = False
-            for run in runs:
-                if run.result is None:
-                    for fd in (run.worker.out_fd, run.worker.err_fd):
-                        poller.register(fd, _POLLIN)
-                        owner[fd] = run
-        if now >= deadline:
-            for run in runs:
-                if run.result is None and run.deadline <= now:
-                    run.expire()
-                    pending -= 1
-            deadline = min((run.deadline for run in runs if run.result is None), default=0.0)
-            continue
-        for fd, _ in poller.poll(((min(deadline, quiet_until) if quiet else deadline) - now)
-                                 * 1000):
-            run = owner[fd]
-            if run.result is not None:
-                del owner[fd]
-                poller.unregister(fd)
-                continue
-            run.on_event(fd)
-            if run.result is not None:
-                pending -= 1
-    return [run.result for run in runs]  # type: ignore[misc]  # none is pending: all have one
 
 
 def _signal_name(signum: int) -> str:

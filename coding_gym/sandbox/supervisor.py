@@ -17,7 +17,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -31,15 +30,13 @@ from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.channels import Channels
 from coding_gym.sandbox.exits import ExitWatch, OrphanExit, ReportedExit, SpawnedExit
 from coding_gym.sandbox.frozen import FrozenCopy, open_pidfd
-from coding_gym.sandbox.steps import Capture, StepRun, drain, run_many
+from coding_gym.sandbox.inbox import Inbox
+from coding_gym.sandbox.steps import Capture, StepRun, drain
 from coding_gym.sandbox.zygote import Zygote, ZygoteError
 
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 30.0
-_CHUNK = 1 << 16
-_UCRED = struct.Struct("3i")
-_ANCILLARY = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
 
 class WorkerProcess:
@@ -55,15 +52,12 @@ class WorkerProcess:
         self.pid = 0
         self.pidfd: int | None = None
         self._exit = exit_watch
-        self._frames = protocol.FrameReader()
-        self._fds: list[int] = []
-        self._sender_pid: int | None = None
+        self.inbox = Inbox(self.sock)
         self._oom_base = 0
         self._unparked: list[tuple[FrozenCopy, Cgroup | None]] = []
         self._copy_pids: set[int] = set()
         self._pollers: tuple[select.poll, select.poll] | None = None
         self.alive = True
-        self.connected = True
         #: Isolation layer -> {"active", "detail"}, as the worker reported it when ready.
         self.isolation: dict[str, Any] = {}
         # Guards ``alive`` against interrupt() from another thread while kill() reaps: a reaped
@@ -226,19 +220,20 @@ class WorkerProcess:
                 elif fd == self.out_fd:
                     drain(fd, Capture(0))
                 elif fd == self.sock.fileno():
-                    for message, fds in self.receive():
+                    for message, fds in self.inbox.receive():
                         for extra in fds:
                             os.close(extra)
-                        if message.get("type") == "ready" and self._sender_pid is not None \
-                                and expected_pid in (None, self._sender_pid):
+                        sender = self.inbox.sender_pid
+                        if message.get("type") == "ready" and sender is not None \
+                                and expected_pid in (None, sender):
                             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
-                            if self.pid != self._sender_pid:
-                                self._became(self._sender_pid)
+                            if self.pid != sender:
+                                self._became(sender)
                             report = message.get("isolation")
                             self.isolation = report if isinstance(report, dict) else {}
                             return
                         self._start_failed(origin, err, message.get("message"))
-                    if not self.connected:
+                    if not self.inbox.connected:
                         self._start_failed(origin, err, None)
                 else:
                     self._start_failed(origin, err, None)
@@ -295,53 +290,10 @@ class WorkerProcess:
             self._pollers = (quiet, full)
         return self._pollers
 
-    def receive(self, with_fds: bool = True) -> list[tuple[dict[str, Any], list[int]]]:
-        """The whole messages available now, each with the fds that came with it. Sets
-        ``connected`` to False when the worker is gone or spoke garbage.
-
-        Without ``with_fds`` (a plain step) fds are not read: the kernel closes any sent.
-        """
-        received: list[tuple[dict[str, Any], list[int]]] = []
-        while self.connected:
-            try:
-                if with_fds:
-                    data, ancillary, _, _ = self.sock.recvmsg(_CHUNK, _ANCILLARY)
-                else:
-                    data, ancillary = self.sock.recv(_CHUNK), []
-            except BlockingIOError:
-                break
-            except OSError:
-                self.connected = False
-                break
-            for level, kind, payload in ancillary:
-                if level != socket.SOL_SOCKET:
-                    continue
-                if kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-                    self._fds.extend(fds)
-                elif kind == socket.SCM_CREDENTIALS:
-                    self._sender_pid = _UCRED.unpack(payload[:_UCRED.size])[0]
-            if not data:
-                self.connected = False
-                break
-            try:
-                messages = self._frames.feed(data)
-            except protocol.ProtocolError as e:
-                logger.warning("worker %d sent an invalid message: %s", self.pid, e)
-                self.connected = False
-                break
-            for message in messages:
-                fds_of_message, self._fds = self._fds, []
-                received.append((message, fds_of_message))
-            if len(data) < _CHUNK:
-                break
-        return received
-
     def _await_reply(self, timeout_s: float) -> tuple[dict[str, Any], list[int]]:
         """The next message and its fds, outside of a step (commands other than run)."""
         deadline = time.monotonic() + timeout_s
-        while self.connected:
+        while self.inbox.connected:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -349,7 +301,7 @@ class WorkerProcess:
             if self._exit.fd >= 0:
                 watched.append(self._exit.fd)
             select.select(watched, [], [], remaining)
-            for message, fds in self.receive():
+            for message, fds in self.inbox.receive():
                 return message, fds
             if self._exit.fd >= 0 and select.select([self._exit.fd], [], [], 0)[0]:
                 break
@@ -357,7 +309,7 @@ class WorkerProcess:
 
     def begin(self, code: str, limits: Limits, *, snapshot: bool = False,
               parking: Cgroup | None = None) -> StepRun:
-        """Send ``code``; drive the returned step with :func:`steps.run_many`."""
+        """Send ``code``; drive the returned step with :func:`fanout.run_many`."""
         if not snapshot:
             return StepRun(self, code, limits)  # no keywords: a class call makes them a dict
         return StepRun(self, code, limits, snapshot=snapshot, parking=parking)
@@ -451,8 +403,8 @@ class WorkerProcess:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
-        _close(self._fds)
-        self._fds = []
+        _close(self.inbox.fds)
+        self.inbox.fds = []
 
 
 def _close(fds: Sequence[int]) -> None:
@@ -460,4 +412,4 @@ def _close(fds: Sequence[int]) -> None:
         os.close(fd)
 
 
-__all__ = ["START_TIMEOUT_S", "WorkerProcess", "run_many"]
+__all__ = ["START_TIMEOUT_S", "WorkerProcess"]

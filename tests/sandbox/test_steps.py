@@ -1,4 +1,4 @@
-"""Steps on several workers at once, and what the worker keeps from step to step."""
+"""Steps, and what the worker keeps from step to step."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import pytest
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
-from coding_gym.sandbox.steps import run_many
 
 
 @pytest.fixture
@@ -19,22 +18,6 @@ def backends():
     yield started
     for backend in started:
         backend.close()
-
-
-def test_run_many_drives_every_step_to_its_own_end(backends):
-    codes = [
-        "import time\ntime.sleep(0.3)\nprint('slow')",
-        "sum(range(10**12))",  # ignores the interrupt: killed at its deadline
-        "import sys\nprint('x' * 3_000_000)\nprint('fast', file=sys.stderr)",
-    ]
-    start = time.monotonic()
-    results = run_many([b.begin(code) for b, code in zip(backends, codes, strict=True)])
-    assert time.monotonic() - start < 1.0 + 1.0
-    slow, killed, loud = results
-    assert slow.stdout == "slow\n" and slow.exit_code == 0
-    assert killed.kill_reason == "timeout" and killed.state_lost
-    assert loud.stdout_truncated and loud.stderr == "fast\n"
-    assert backends[1].run("print('fresh')").stdout == "fresh\n"
 
 
 def test_the_same_program_twice_gives_the_same_result_and_traceback(backends):

@@ -1,0 +1,73 @@
+"""StepLoop: steps of several workers driven together, batch after batch."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from coding_gym.backends.local import LocalBackend
+from coding_gym.models import Limits
+from coding_gym.sandbox.fanout import StepLoop, run_many
+
+
+@pytest.fixture
+def backends():
+    started = [LocalBackend(Limits(timeout_s=1.0)) for _ in range(3)]
+    for backend in started:
+        backend.reset()
+    yield started
+    for backend in started:
+        backend.close()
+
+
+def test_run_many_drives_every_step_to_its_own_end(backends):
+    codes = [
+        "import time\ntime.sleep(0.3)\nprint('slow')",
+        "sum(range(10**12))",  # ignores the interrupt: killed at its deadline
+        "import sys\nprint('x' * 3_000_000)\nprint('fast', file=sys.stderr)",
+    ]
+    start = time.monotonic()
+    results = run_many([b.begin(code) for b, code in zip(backends, codes, strict=True)])
+    assert time.monotonic() - start < 1.0 + 1.0
+    slow, killed, loud = results
+    assert slow.stdout == "slow\n" and slow.exit_code == 0
+    assert killed.kill_reason == "timeout" and killed.state_lost
+    assert loud.stdout_truncated and loud.stderr == "fast\n"
+    assert backends[1].run("print('fresh')").stdout == "fresh\n"
+
+
+def test_a_loop_follows_its_workers_when_they_are_replaced(backends):
+    loop = StepLoop()
+    try:
+        for i in range(3):
+            results = loop.run([b.begin(f"print({i} + {k})") for k, b in enumerate(backends)])
+            assert [r.stdout for r in results] == [f"{i + k}\n" for k in range(3)]
+        backends[0].reset()  # a new worker, whose fds may reuse the old one's numbers
+        died = loop.run([backends[0].begin("import os; os._exit(3)"),
+                         *(b.begin("print('ok')") for b in backends[1:])])
+        assert died[0].kill_reason == "crash" and [r.stdout for r in died[1:]] == ["ok\n"] * 2
+        again = loop.run([b.begin("print('again')") for b in backends])
+        assert [r.stdout for r in again] == ["again\n"] * 3
+    finally:
+        loop.close()
+
+
+def test_a_worker_that_writes_after_its_reply_does_not_stall_the_others(backends):
+    loop = StepLoop()
+    try:
+        chatty = ("import threading, time, os\n"
+                  "def talk():\n"
+                  "    for _ in range(50):\n"
+                  "        os.write(1, b'.')\n"
+                  "        time.sleep(0.01)\n"
+                  "threading.Thread(target=talk, daemon=True).start()")
+        loop.run([backends[0].begin(chatty),
+                  *(b.begin("import time; time.sleep(0.05)") for b in backends[1:])])
+        start = time.monotonic()
+        results = loop.run([b.begin("import time; time.sleep(0.1); print(1)")
+                            for b in backends])
+        assert time.monotonic() - start < 0.5
+        assert [r.stdout.strip(".") for r in results] == ["1\n"] * 3
+    finally:
+        loop.close()
