@@ -55,6 +55,8 @@ class Session:
         self.id = session_id
         self.limits = limits
         self.backend = LocalBackend(limits)
+        #: The loop's readers on the backend's worker; stopped before any thread uses it.
+        self.watch = stepping.WorkerWatch()
         self.episode_id: str | None = None
         self.step_count = 0
         self.last_exit_code: int | None = None
@@ -217,6 +219,7 @@ class SessionManager:
     async def call(self, session: Session, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` (a blocking session method) in the pool, one call at a time."""
         async with self._turn(session):
+            session.watch.stop()
             return await asyncio.get_running_loop().run_in_executor(self._pool,
                                                                     partial(fn, *args))
 
@@ -226,10 +229,11 @@ class SessionManager:
         async with self._turn(session):
             backend = session.backend
             if session.episode_id is None or not stepping.ready_on_loop(backend, code):
+                session.watch.stop()
                 return await asyncio.get_running_loop().run_in_executor(
                     self._pool, partial(session.step, code, timeout_s))
-            return session.record(await stepping.drive(backend, code,
-                                                       session.limit_s(timeout_s), self._pool))
+            return session.record(await stepping.drive(
+                backend, code, session.limit_s(timeout_s), self._pool, session.watch))
 
     def _turn(self, session: Session) -> _Turn:
         """The session's turn to run a call: one at a time, in order."""
