@@ -5,8 +5,8 @@ mid-step is noticed at once: its interpreter is killed and its slot freed, inste
 being held until the code finishes.
 
 The connection speaks ASGI directly (``receive`` and ``send``) once the route has accepted
-the WebSocket: Starlette's ``WebSocket`` wrapper checks its state on every message, which
-costs more per step than the step's own bookkeeping on the server.
+the WebSocket: through Starlette's ``WebSocket`` wrapper and FastAPI's route, which check and
+wrap every message, an echo round trip took 153 µs, against 134 µs without them.
 """
 
 from __future__ import annotations
