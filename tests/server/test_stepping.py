@@ -143,7 +143,7 @@ def test_a_worker_dying_between_steps_stops_the_watch(backend, executor):
     watch = stepping.WorkerWatch()
 
     async def step_then_die() -> None:
-        await stepping.drive(backend, "print(1)", 5.0, executor, watch)
+        await stepping.drive(backend, "x = 1", 5.0, executor, watch)  # silent: on the loop
         assert watch.worker is not None
         backend.interrupt()
         for _ in range(200):  # the exit makes the readers fire once: they must go
