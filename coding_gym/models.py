@@ -43,7 +43,10 @@ class Limits:
 
     def with_timeout(self, timeout_s: float | None) -> Limits:
         """The same limits with another step timeout (``None`` keeps this one)."""
-        return self if timeout_s is None else replace(self, timeout_s=float(timeout_s))
+        # The server asks for each step's timeout, mostly the one these limits have already.
+        if timeout_s is None or timeout_s == self.timeout_s:
+            return self
+        return replace(self, timeout_s=float(timeout_s))
 
 
 @dataclass(frozen=True)

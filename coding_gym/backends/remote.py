@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from coding_gym import jsontext
 from coding_gym.backends.websocket_client import BlockingWebSocket
 from coding_gym.errors import BackendError, ServerError
 from coding_gym.models import KILL_REASONS, ExecResult, Limits
@@ -101,7 +102,7 @@ class ServerConnection:
         self.open()
         assert self._ws is not None
         try:
-            self._ws.send(json.dumps(message))
+            self._ws.send(jsontext.dumps(message))
             raw = self._ws.recv(timeout_s)
         except TimeoutError as e:
             self.close()

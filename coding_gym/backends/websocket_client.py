@@ -64,6 +64,7 @@ class BlockingWebSocket:
             self._text = True
             self._response: Response | None = None
             self._handshake(headers or {}, deadline)
+            sock.settimeout(None)  # a send waits for room in the buffer, however long
         except BaseException:
             sock.close()
             raise
@@ -145,9 +146,16 @@ class BlockingWebSocket:
 
         The end of the stream, or a connection reset, closes the connection.
         """
-        self._sock.settimeout(max(timeout_s, 0.0))
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket):
+            # A TLS record may arrive in pieces: the socket's timeout bounds the whole read.
+            sock.settimeout(max(timeout_s, 0.0))
+        elif not self._poller.poll(max(timeout_s, 0.0) * 1000):
+            # A plain socket stays blocking and waits in poll: switching it between blocking
+            # and not costs a system call each way, twice per request.
+            return False
         try:
-            data = self._sock.recv(_CHUNK)
+            data = sock.recv(_CHUNK)
         except (TimeoutError, BlockingIOError, ssl.SSLWantReadError):
             return False
         except OSError:
@@ -190,7 +198,8 @@ class BlockingWebSocket:
             self._fragments = []
 
     def _flush(self) -> None:
-        self._sock.settimeout(None)  # a send waits for room in the buffer, as long as it takes
+        if isinstance(self._sock, ssl.SSLSocket):
+            self._sock.settimeout(None)  # a send waits for room in the buffer, however long
         for data in self._protocol.data_to_send():
             if data:
                 self._sock.sendall(data)

@@ -15,6 +15,8 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.routing import WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from coding_gym import __version__
@@ -232,8 +234,8 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
         """JSON-RPC 2.0 endpoint of OpenEnv's MCP mode; this environment has no tools."""
         return JSONResponse(_mcp_reply(await request.body()))
 
-    @app.websocket("/ws")
-    async def websocket(ws: WebSocket) -> None:
+    async def websocket(scope: Scope, receive: Receive, send: Send) -> None:
+        ws = WebSocket(scope, receive, send)
         await ws.accept()
         if token is not None and not token_matches(token, ws.headers, ws.query_params):
             await ws.close(code=CLOSE_UNAUTHORIZED, reason="missing or wrong token")
@@ -252,11 +254,24 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
                 max_sessions=manager.max_sessions)))
             await ws.close(code=1013, reason="server at capacity")
             return
-        await Connection(ws, session, manager, max_message_bytes).serve()
+        # After the handshake, messages bypass the WebSocket wrapper (see connection.py).
+        await Connection(receive, send, session, manager, max_message_bytes).serve()
 
+    app.router.routes.append(WebSocketRoute("/ws", _ASGIEndpoint(websocket)))
     app.mount("/web", StaticFiles(packages=[("coding_gym.server", "web")], html=True),
               name="web")
     return app
+
+
+class _ASGIEndpoint:
+    """An ``async (scope, receive, send)`` function as an ASGI app: Starlette's routes treat a
+    plain function as an endpoint taking its WebSocket wrapper instead."""
+
+    def __init__(self, handler: ASGIApp) -> None:
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.handler(scope, receive, send)
 
 
 async def _unless_disconnected(request: Request, manager: SessionManager, session: Session,

@@ -15,9 +15,8 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any, TypeVar
 
@@ -56,6 +55,8 @@ class Session:
         self.id = session_id
         self.limits = limits
         self.backend = LocalBackend(limits)
+        #: The loop's readers on the backend's worker; stopped before any thread uses it.
+        self.watch = stepping.WorkerWatch()
         self.episode_id: str | None = None
         self.step_count = 0
         self.last_exit_code: int | None = None
@@ -131,6 +132,29 @@ def reset_reply(episode_id: str) -> dict[str, Any]:
     }
 
 
+class _Turn:
+    """``async with``: hold the session's lock and mark it busy.
+
+    A class rather than ``@asynccontextmanager``, whose generator and wrappers cost a few
+    microseconds on every step.
+    """
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    async def __aenter__(self) -> None:
+        await self.session.lock.acquire()
+        self.session.busy = True
+
+    async def __aexit__(self, *exc: object) -> None:
+        session = self.session
+        session.busy = False
+        session.last_active = time.monotonic()
+        session.lock.release()
+
+
 class SessionManager:
     """Owns every session: opens them up to ``max_sessions``, runs their calls, reaps the idle.
 
@@ -197,6 +221,7 @@ class SessionManager:
     async def call(self, session: Session, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` (a blocking session method) in the pool, one call at a time."""
         async with self._turn(session):
+            session.watch.stop()
             return await asyncio.get_running_loop().run_in_executor(self._pool,
                                                                     partial(fn, *args))
 
@@ -206,11 +231,12 @@ class SessionManager:
         async with self._turn(session):
             backend = session.backend
             if session.episode_id is None or not stepping.ready_on_loop(backend, code):
+                session.watch.stop()
                 reply = await asyncio.get_running_loop().run_in_executor(
                     self._pool, partial(session.step, code, timeout_s))
             else:
                 reply = session.record(await stepping.drive(
-                    backend, code, session.limit_s(timeout_s), self._pool))
+                    backend, code, session.limit_s(timeout_s), self._pool, session.watch))
         if reply["info"].get("state_lost"):
             # The step killed the interpreter: start its successor while the reply travels.
             task = asyncio.get_running_loop().create_task(self._replace(session))
@@ -223,22 +249,16 @@ class SessionManager:
         async with self._turn(session):
             if session.closing or session.id not in self._sessions:
                 return
+            session.watch.stop()
             try:
                 await asyncio.get_running_loop().run_in_executor(self._pool,
                                                                  session.backend.prepare)
             except Exception as e:  # noqa: BLE001 - the next step starts it, or says why not
                 logger.info("session %s: no interpreter ready ahead: %s", session.id[:8], e)
 
-    @asynccontextmanager
-    async def _turn(self, session: Session) -> AsyncIterator[None]:
+    def _turn(self, session: Session) -> _Turn:
         """The session's turn to run a call: one at a time, in order."""
-        async with session.lock:
-            session.busy = True
-            try:
-                yield
-            finally:
-                session.busy = False
-                session.last_active = time.monotonic()
+        return _Turn(session)
 
     async def interrupt(self, session: Session) -> None:
         """Kill the session's running interpreter, without waiting for its call to return."""

@@ -47,7 +47,8 @@ def executor() -> Iterator[CountingExecutor]:
 
 def drive(backend: LocalBackend, code: str, executor: Executor) -> Any:
     assert stepping.ready_on_loop(backend, code)
-    return asyncio.run(stepping.drive(backend, code, backend.limits.timeout_s, executor))
+    return asyncio.run(stepping.drive(backend, code, backend.limits.timeout_s, executor,
+                                      stepping.WorkerWatch()))
 
 
 def test_a_quick_step_gives_the_result_of_run(backend, executor):
@@ -79,7 +80,8 @@ def test_a_worker_that_exits_is_cleaned_up_in_a_thread(backend, executor):
 
 
 def test_timeout_still_kills(backend, executor):
-    result = asyncio.run(stepping.drive(backend, "while True:\n    pass", 0.2, executor))
+    result = asyncio.run(stepping.drive(backend, "while True:\n    pass", 0.2, executor,
+                                        stepping.WorkerWatch()))
     assert result.kill_reason == "timeout"
 
 
@@ -121,3 +123,36 @@ def test_a_closed_socket_is_not_a_result():
     theirs.close()
     with ours:
         assert not stepping._one_result(ours)
+
+
+def test_the_watch_keeps_its_readers_from_one_quick_step_to_the_next(backend, executor):
+    watch = stepping.WorkerWatch()
+
+    async def two_steps() -> None:
+        for code in ("x = 5", "x += 1"):  # silent: answered on the loop however slow
+            result = await stepping.drive(backend, code, 5.0, executor, watch)
+            assert result.exit_code == 0
+            assert watch.worker is not None and watch.worker.pid == backend.worker_pid
+
+    asyncio.run(two_steps())
+    assert executor.calls == 0
+    assert backend.run("print(x)").stdout == "6\n"
+
+
+def test_a_worker_dying_between_steps_stops_the_watch(backend, executor):
+    watch = stepping.WorkerWatch()
+
+    async def step_then_die() -> None:
+        await stepping.drive(backend, "x = 1", 5.0, executor, watch)  # silent: on the loop
+        assert watch.worker is not None
+        backend.interrupt()
+        for _ in range(200):  # the exit makes the readers fire once: they must go
+            if watch.worker is None:
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(step_then_die())
+    assert watch.worker is None
+    assert not stepping.ready_on_loop(backend, "print(1)")
+    assert backend.run("print(2)").state_lost  # the run that finds the interpreter dead
+    assert backend.run("print(3)").stdout == "3\n"
