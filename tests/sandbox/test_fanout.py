@@ -4,21 +4,7 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
-from coding_gym.backends.local import LocalBackend
-from coding_gym.models import Limits
 from coding_gym.sandbox.fanout import StepLoop, run_many
-
-
-@pytest.fixture
-def backends():
-    started = [LocalBackend(Limits(timeout_s=1.0)) for _ in range(3)]
-    for backend in started:
-        backend.reset()
-    yield started
-    for backend in started:
-        backend.close()
 
 
 def test_run_many_drives_every_step_to_its_own_end(backends):

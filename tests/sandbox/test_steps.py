@@ -4,21 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
-from coding_gym.backends.local import LocalBackend
-from coding_gym.models import Limits
-
-
-@pytest.fixture
-def backends():
-    started = [LocalBackend(Limits(timeout_s=1.0)) for _ in range(3)]
-    for backend in started:
-        backend.reset()
-    yield started
-    for backend in started:
-        backend.close()
-
 
 def test_the_same_program_twice_gives_the_same_result_and_traceback(backends):
     backend = backends[0]
