@@ -116,9 +116,8 @@ class LocalBackend:
         once a killed step's reply is on its way, so that the new worker starts while the
         client reads the reply and thinks."""
         self._check_open()
-        episode = self._episode
-        if episode.home is not None and (episode.worker is None or not episode.worker.alive):
-            self._live_worker()
+        if self._episode.home is not None:
+            self._live_worker()  # returns the worker at once if it is alive
 
     def run(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
         """Run ``code`` in the episode's interpreter.

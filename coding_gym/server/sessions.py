@@ -221,9 +221,13 @@ class SessionManager:
     async def call(self, session: Session, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` (a blocking session method) in the pool, one call at a time."""
         async with self._turn(session):
-            session.watch.stop()
-            return await asyncio.get_running_loop().run_in_executor(self._pool,
-                                                                    partial(fn, *args))
+            return await self._in_pool(session, partial(fn, *args))
+
+    async def _in_pool(self, session: Session, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in a thread of the pool, in the session's turn: the loop stops
+        watching the worker first, as the thread may close its fds."""
+        session.watch.stop()
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
     async def step(self, session: Session, code: str,
                    timeout_s: float | None = None) -> dict[str, Any]:
@@ -231,9 +235,7 @@ class SessionManager:
         async with self._turn(session):
             backend = session.backend
             if session.episode_id is None or not stepping.ready_on_loop(backend, code):
-                session.watch.stop()
-                reply = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, partial(session.step, code, timeout_s))
+                reply = await self._in_pool(session, partial(session.step, code, timeout_s))
             else:
                 reply = session.record(await stepping.drive(
                     backend, code, session.limit_s(timeout_s), self._pool, session.watch))
@@ -249,10 +251,8 @@ class SessionManager:
         async with self._turn(session):
             if session.closing or session.id not in self._sessions:
                 return
-            session.watch.stop()
             try:
-                await asyncio.get_running_loop().run_in_executor(self._pool,
-                                                                 session.backend.prepare)
+                await self._in_pool(session, session.backend.prepare)
             except Exception as e:  # noqa: BLE001 - the next step starts it, or says why not
                 logger.info("session %s: no interpreter ready ahead: %s", session.id[:8], e)
 
