@@ -68,11 +68,16 @@ def encode_result(exit_code: int, kill_reason: str | None, wall_ns: int, cpu_ns:
     return HEADER.pack(len(body)) + body
 
 
+def kill_reason_of(code: int) -> str | None:
+    """The kill reason a result frame's code stands for (None for an unknown code)."""
+    return KILL_REASONS[code] if code < len(KILL_REASONS) else None
+
+
 def decode_result(body: bytes | bytearray, offset: int = 1) -> dict[str, Any]:
     """The result whose fields start at ``offset`` of ``body`` (after its ``r``)."""
     exit_code, reason, wall_ns, cpu_ns, out, err = RESULT.unpack_from(body, offset)
     return {"type": "result", "exit_code": exit_code,
-            "kill_reason": KILL_REASONS[reason] if reason < len(KILL_REASONS) else None,
+            "kill_reason": kill_reason_of(reason),
             "wall_ns": wall_ns, "cpu_ns": cpu_ns, "out": out, "err": err}
 
 

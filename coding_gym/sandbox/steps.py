@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from coding_gym.models import ExecResult, KillReason, Limits
-from coding_gym.sandbox.protocol import KILL_REASONS, encode_run
+from coding_gym.sandbox.protocol import encode_run, kill_reason_of
 
 if TYPE_CHECKING:
     from coding_gym.sandbox.cgroups import Cgroup
@@ -158,9 +158,8 @@ class StepRun:
                 fields = worker.inbox.receive_result()
                 if fields is not None:
                     exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending = fields
-                    self._conclude(exit_code,
-                                   KILL_REASONS[reason] if reason < len(KILL_REASONS) else None,
-                                   wall_ns, cpu_ns, out_pending, err_pending)
+                    self._conclude(exit_code, kill_reason_of(reason), wall_ns, cpu_ns,
+                                   out_pending, err_pending)
                     return
             for message, fds in worker.inbox.receive(with_fds=self.snapshot):
                 kind = message.get("type")
