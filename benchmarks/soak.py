@@ -300,34 +300,31 @@ def soak(minutes: float, sessions: int, seed: int, warm_up_minutes: float = 5.0
     hostile = [name for name in HOSTILE
                if not NEEDS.get(name) or any(layers.get(n) for n in NEEDS[name])]
     process, url, log = start_server(sessions)
-    # Idle memory climbs for the first minutes of load and then levels off: the allocators'
-    # pages fill unevenly (freed blocks leave pages partly used) until they reach their
-    # working size. Measured on the 2-vCPU VM with tracemalloc and mallinfo2: Python objects
-    # and their count stay flat from the first minute, malloc's bytes in use grow ~0.1 MB a
-    # minute, and resident memory rises ~4 MB between minutes 1 and 5, then ~0.1 MB a minute.
-    # So the baseline is taken after 5 minutes of warm-up, and the idle memory after the first
-    # minute is reported beside it (``rss_growth_since_first_minute_percent``).
+    # Idle memory climbs for the first minutes of load, then levels off. Measured here with
+    # tracemalloc and mallinfo2: Python's objects stay flat from the first minute while the
+    # allocators' pages fill unevenly, ~4 MB more by minute 5, then ~0.1 MB a minute. So the
+    # baseline follows the whole warm-up; the first minute's idle memory is reported beside.
     warm_up_s = warm_up_minutes * 60
     first_minute_s = min(60.0, warm_up_s)
     watchdog = threading.Timer(warm_up_s + minutes * 60 + 420, process.kill)
     watchdog.start()
+
+    def load_then_idle(seconds: float, seed: int, tally: Tally, seen: dict[int, int | None]
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every session for ``seconds``, then idle: the peak, and the idle snapshot."""
+        peak = run_sessions(url, time.monotonic() + seconds, sessions, seed, hostile, tally,
+                            seen, process.pid)
+        wait_idle(url, process.pid)
+        return peak, snapshot(process.pid)
+
     try:
         warm = Tally()
-        run_sessions(url, time.monotonic() + first_minute_s, sessions, seed + 1, hostile, warm,
-                     {}, process.pid)
-        wait_idle(url, process.pid)
-        first_minute = snapshot(process.pid)
-        run_sessions(url, time.monotonic() + warm_up_s - first_minute_s, sessions, seed + 2,
-                     hostile, warm, {}, process.pid)
-        wait_idle(url, process.pid)
-        baseline = snapshot(process.pid)
+        _, first_minute = load_then_idle(first_minute_s, seed + 1, warm, {})
+        _, baseline = load_then_idle(warm_up_s - first_minute_s, seed + 2, warm, {})
         tally = Tally(errors=[f"warm-up: {error}" for error in warm.errors],
                       kinds=Counter({f"warm-up, {kind}": n for kind, n in warm.kinds.items()}))
         seen: dict[int, int | None] = {}
-        peak = run_sessions(url, time.monotonic() + minutes * 60, sessions, seed, hostile,
-                            tally, seen, process.pid)
-        wait_idle(url, process.pid)
-        final = snapshot(process.pid)
+        peak, final = load_then_idle(minutes * 60, seed, tally, seen)
         healthy = httpx.get(f"{url}/health", timeout=10).status_code == 200
     finally:
         process.terminate()
