@@ -264,7 +264,10 @@ def hold_session_priority() -> None:
     global _autogroup
     if _autogroup is None:
         try:
-            _autogroup = os.open("/proc/self/autogroup", os.O_WRONLY | os.O_CLOEXEC)
+            with open("/proc/sys/kernel/sched_autogroup_enabled", "rb") as f:
+                if f.read().strip() != b"1":
+                    raise OSError("the kernel does not group sessions")
+            _autogroup = os.open("/proc/self/autogroup", os.O_RDWR | os.O_CLOEXEC)
         except OSError:
             _autogroup = -1  # no automatic grouping here: nice alone applies
 
@@ -278,7 +281,9 @@ def _lower_session_priority(lower: bool) -> str:
     values only within one, so every worker, in a session of its own, would weigh as much as
     the parent and the zygote together, whatever its nice: the fork bombs and endless loops
     of a few episodes would starve the process that replaces their interpreters. Copies of
-    the worker stay in its session (and group).
+    the worker stay in its session (and group). A process in a CPU cgroup other than the
+    root one is in no automatic group (the file reads empty): there the cgroup decides and
+    nothing is written.
     """
     global _autogroup
     fd, _autogroup = _autogroup, None
@@ -288,7 +293,7 @@ def _lower_session_priority(lower: bool) -> str:
         if not lower:
             return ""
         # Never lower the group of a session that is not the worker's own.
-        if os.getsid(0) != os.getpid():
+        if os.getsid(0) != os.getpid() or not os.read(fd, 128).strip():
             return ""
         os.write(fd, str(_NICE).encode())
     except OSError:

@@ -148,24 +148,31 @@ def test_rlimits_layer_lowers_the_cpu_priority(workdir):
     assert "nice 19" in outcome["report"]["rlimits"]["detail"]
 
 
-def _autogroup_nice() -> int | None:
-    """This process's session scheduling group's nice, where the kernel groups sessions."""
+def _sessions_are_grouped() -> bool:
     try:
         with open("/proc/sys/kernel/sched_autogroup_enabled") as f:
-            if f.read().strip() != "1":
-                return None
-        with open("/proc/self/autogroup") as f:
-            return int(f.read().split()[-1])
+            return f.read().strip() == "1"
     except OSError:
-        return None
+        return False
 
 
-_SESSION = "import os; print(os.getsid(0), open('/proc/self/autogroup').read().split()[-1])"
+def _own_group() -> str:
+    """This process's scheduling group and its nice; empty in the kernel's default group
+    (a session that never got a group of its own, such as init's)."""
+    try:
+        with open("/proc/self/autogroup") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+_SESSION = ("import os; print(os.getsid(0), "
+            "(open('/proc/self/autogroup').read().split() or ['none'])[-1])")
 
 
 @pytest.mark.parametrize("start_method", ["zygote", "spawn"])
 def test_the_workers_session_gets_the_lowest_cpu_weight(start_method):
-    ours = _autogroup_nice()
+    ours = _own_group()
     with LocalBackend(start_method=start_method, transactional=True) as backend:
         backend.reset()
         session, nice = backend.run(_SESSION).stdout.split()
@@ -173,12 +180,13 @@ def test_the_workers_session_gets_the_lowest_cpu_weight(start_method):
         # A copy (here the one a transactional step keeps) stays in the worker's session.
         backend.run("import os; os._exit(3)")
         assert backend.run(_SESSION).stdout.split() == [session, nice]
-    assert _autogroup_nice() == ours, "the caller's own session must keep its weight"
-    if ours is None:
-        assert "scheduling group" not in detail
-    else:
+    assert _own_group() == ours, "the caller's own group must keep its weight"
+    if _sessions_are_grouped():
+        # The worker leads a session, so it has a group of its own whatever the caller's.
         assert nice == "19"
         assert "nice 19 for its session's scheduling group" in detail
+    else:
+        assert "scheduling group" not in detail
 
 
 # Network.
