@@ -15,7 +15,6 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Body, Depends, FastAPI, Header, HTTPException, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.routing import WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -257,21 +256,32 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
         # After the handshake, messages bypass the WebSocket wrapper (see connection.py).
         await Connection(receive, send, session, manager, max_message_bytes).serve()
 
-    app.router.routes.append(WebSocketRoute("/ws", _ASGIEndpoint(websocket)))
+    # Outermost: Starlette's exception handling and FastAPI's own layers would otherwise wrap
+    # every message of every session (see WebSocketAtPath).
+    app.add_middleware(WebSocketAtPath, path="/ws", handler=websocket)
     app.mount("/web", StaticFiles(packages=[("coding_gym.server", "web")], html=True),
               name="web")
     return app
 
 
-class _ASGIEndpoint:
-    """An ``async (scope, receive, send)`` function as an ASGI app: Starlette's routes treat a
-    plain function as an endpoint taking its WebSocket wrapper instead."""
+class WebSocketAtPath:
+    """Serve WebSocket connections to ``path`` with ``handler``, ahead of the app's routing.
 
-    def __init__(self, handler: ASGIApp) -> None:
+    Through the route, Starlette's exception handling and FastAPI's middleware wrapped the
+    ``receive`` and ``send`` of every message in five more calls; the handler gets the
+    server's own. Everything else goes to the app.
+    """
+
+    def __init__(self, app: ASGIApp, path: str, handler: ASGIApp) -> None:
+        self.app = app
+        self.path = path
         self.handler = handler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.handler(scope, receive, send)
+        if scope["type"] == "websocket" and scope["path"] == self.path:
+            await self.handler(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
 
 
 async def _unless_disconnected(request: Request, manager: SessionManager, session: Session,

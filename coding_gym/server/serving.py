@@ -12,6 +12,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from coding_gym.server.wsprotocol import DirectFramesProtocol
+
 _TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s\"]*")
 
 
@@ -61,6 +63,7 @@ def uvicorn_config(app: FastAPI, **options: Any) -> uvicorn.Config:
         # Room above the app's own limit, so an oversized message gets the app's error
         # reply; only a far larger one makes uvicorn drop the connection (close code 1009).
         options.setdefault("ws_max_size", 4 * limit)
+    options.setdefault("ws", DirectFramesProtocol)
     return uvicorn.Config(app, **options)
 
 

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-# Counts the heaps glibc made for threads (64 MiB-aligned reservations) once six threads have
-# each allocated while all are alive.
+# Counts the heaps glibc made for threads once six threads have each allocated while all are
+# alive.
 _COUNT_THREAD_ARENAS = """
 import sys, threading
 from coding_gym.server import serving
@@ -24,13 +24,19 @@ threads = [threading.Thread(target=work) for _ in range(6)]
 for t in threads:
     t.start()
 barrier.wait()
-heaps = 0
+maps = []
 with open("/proc/self/maps") as f:
     for line in f:
         fields = line.split()
-        start = int(fields[0].split("-")[0], 16)
-        if len(fields) == 5 and fields[1] == "rw-p" and start % (64 << 20) == 0:
-            heaps += 1
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        maps.append((start, end, fields[1], len(fields)))
+# A thread's heap: a 64 MiB reservation at a 64 MiB boundary, its used part read-write and
+# the rest inaccessible (a thread's stack, by chance aligned, has its guard below it).
+heaps = 0
+for (start, end, perms, n), after in zip(maps, maps[1:] + [(0, 0, "", 0)]):
+    if perms == "rw-p" and n == 5 and start % (64 << 20) == 0:
+        whole = end if after[0] != end or after[2] != "---p" else after[1]
+        heaps += whole - start == 64 << 20
 barrier.wait()
 for t in threads:
     t.join()

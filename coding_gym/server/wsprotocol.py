@@ -1,0 +1,158 @@
+"""uvicorn's WebSocket protocol, with the frames of an open connection's data read and
+written here.
+
+A session's messages are small and whole: a step and its reply, each in one frame. uvicorn
+hands every byte to websockets' sans-I/O parser (generators, events, a frame object per
+message), pauses the socket's reading after every message and resumes it at the next
+``receive`` (two changes to the event loop's poller each time), and frames every reply
+through the same machinery. Here a whole, unfragmented text or binary frame of an open
+connection is unmasked and queued for the app directly, and a text reply is framed
+directly; reading pauses only when the app falls :data:`READ_AHEAD` messages behind.
+
+Everything else (the handshake, control frames, fragments, oversized or invalid frames,
+closing) still goes through uvicorn and websockets, which see only whole frames, so their
+parser is always at a frame boundary. The first frame the direct path does not take
+switches the connection to uvicorn's path for good, if it could leave the parser mid-message.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import apply_mask
+from websockets.protocol import State
+
+#: Messages queued for the app before reading pauses.
+READ_AHEAD = 16
+
+_TEXT, _BINARY, _CLOSE = 0x1, 0x2, 0x8
+_SHORT = struct.Struct("!BB")
+_MEDIUM = struct.Struct("!BBH")
+_LONG = struct.Struct("!BBQ")
+#: What uvicorn's protocol must have for the direct paths to stand in for its own (a
+#: release without them keeps uvicorn's paths throughout).
+_NEEDED = ("conn", "queue", "transport", "handshake_complete", "close_sent", "disconnected",
+           "initial_response", "read_paused", "writable", "config")
+
+
+def frame_header(length: int, opcode: int = _TEXT) -> bytes:
+    """The header of a whole, unmasked frame (a server's) of ``length`` payload bytes."""
+    first = 0x80 | opcode
+    if length < 126:
+        return _SHORT.pack(first, length)
+    if length < 1 << 16:
+        return _MEDIUM.pack(first, 126, length)
+    return _LONG.pack(first, 127, length)
+
+
+def split_frame(data: bytes | bytearray, start: int) -> tuple[int, int, int, int] | None:
+    """Where the frame at ``data[start:]`` is: (first header byte, payload start, payload
+    end, mask start), or None while it is incomplete. The mask start is -1 for an unmasked
+    frame."""
+    available = len(data) - start
+    if available < 2:
+        return None
+    first, second = data[start], data[start + 1]
+    length, at = second & 0x7F, start + 2
+    if length == 126:
+        if available < 4:
+            return None
+        length, at = int.from_bytes(data[at:at + 2], "big"), at + 2
+    elif length == 127:
+        if available < 10:
+            return None
+        length, at = int.from_bytes(data[at:at + 8], "big"), at + 8
+    mask = -1
+    if second & 0x80:
+        mask, at = at, at + 4
+    end = at + length
+    return (first, at, end, mask) if end <= len(data) else None
+
+
+
+class DirectFramesProtocol(WebSocketsSansIOProtocol):
+    """:class:`WebSocketsSansIOProtocol` with the data frames of an open connection read
+    and written directly (see the module's docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._direct = all(hasattr(self, name) for name in _NEEDED) and hasattr(
+            getattr(self.conn, "reader", None), "buffer")
+        self._requested = False
+        #: Bytes of a frame not yet whole, kept until the rest arrives.
+        self._partial = bytearray()
+        self._max_size: int = self.config.ws_max_size or 1 << 62
+
+    def data_received(self, data: bytes) -> None:
+        if not self.handshake_complete:
+            # The first call brings the opening request; anything more arrived before
+            # the handshake ended and may leave websockets' parser mid-frame.
+            self._direct = self._direct and not self._requested
+            self._requested = True
+        if not self._reading_directly():
+            super().data_received(data)
+            return
+        if self._partial:
+            self._partial += data
+            data, self._partial = bytes(self._partial), bytearray()
+        start, size = 0, len(data)
+        while start < size and self._reading_directly():
+            where = split_frame(data, start)
+            if where is None:
+                if size - start <= self._max_size + 14:
+                    self._partial += data[start:]
+                    start = size
+                break  # else a frame too large for any message: websockets says so
+            end = where[2]
+            if not self._take(data, where):
+                # A control frame leaves websockets' parser between messages; anything
+                # else may not, so the rest of the connection goes its way.
+                self._direct = self._direct and 0x88 <= where[0] <= 0x8A
+                super().data_received(data[start:end])
+            start = end
+        if start < size:
+            self._direct = False
+            super().data_received(data[start:])
+        if not self.read_paused and self.queue.qsize() >= READ_AHEAD:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    @property
+    def direct(self) -> bool:
+        """True while whole data frames are still read directly."""
+        return self._direct
+
+    def _reading_directly(self) -> bool:
+        return (self._direct and self.handshake_complete and not self.close_sent
+                and self.initial_response is None and not self.disconnected
+                and self.conn.state is State.OPEN and not self.conn.reader.buffer)
+
+    def _take(self, data: bytes, where: tuple[int, int, int, int]) -> bool:
+        """Queue the message of a whole data frame for the app; False for any other."""
+        first, at, end, mask = where
+        opcode = first & 0x0F
+        if first & 0xF0 != 0x80 or mask < 0 or opcode not in (_TEXT, _BINARY) \
+                or end - at > self._max_size:
+            return False
+        payload = apply_mask(data[at:end], data[mask:mask + 4])
+        if opcode == _BINARY:
+            self.queue.put_nowait({"type": "websocket.receive", "bytes": payload})
+            return True
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError:
+            return False  # websockets closes with 1007
+        self.queue.put_nowait({"type": "websocket.receive", "text": text})
+        return True
+
+    async def send(self, message: Any) -> None:
+        text = message.get("text") if message["type"] == "websocket.send" else None
+        if (text is None or not self._direct or not self.handshake_complete
+                or self.close_sent or self.disconnected or self.initial_response is not None
+                or not self.writable.is_set() or self.conn.state is not State.OPEN):
+            await super().send(message)
+            return
+        payload = text.encode()
+        self.transport.write(frame_header(len(payload)) + payload)

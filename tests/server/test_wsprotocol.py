@@ -1,0 +1,196 @@
+"""The server's WebSocket frames, byte by byte: the direct path of whole data frames and the
+hand-over to uvicorn's path for everything else (coding_gym/server/wsprotocol.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+
+from coding_gym.server.serving import BackgroundServer
+from coding_gym.server.wsprotocol import DirectFramesProtocol, frame_header, split_frame
+from tests.servers import running_server
+
+
+def client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True, masked: bool = True,
+                 rsv: int = 0) -> bytes:
+    """A frame as a client sends it: masked with a random key."""
+    first = (0x80 if fin else 0) | rsv | opcode
+    length = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        header = struct.pack("!BB", first, mask_bit | length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", first, mask_bit | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | 127, length)
+    if not masked:
+        return header + payload
+    key = os.urandom(4)
+    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def message(kind: str, **data: object) -> bytes:
+    text = {"type": kind, "data": data} if kind != "state" else {"type": kind}
+    return client_frame(json.dumps(text).encode())
+
+
+class RawClient:
+    """A WebSocket client that writes exactly the bytes a test gives it."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=15)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                           "Sec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, self.buffer = self.buffer.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        return data
+
+    def frame(self) -> tuple[int, bytes]:
+        """The next frame from the server: (opcode, payload)."""
+        while True:
+            where = split_frame(self.buffer, 0)
+            if where is not None:
+                first, start, end, mask = where
+                assert mask == -1, "a server's frames are never masked"
+                payload, self.buffer = self.buffer[start:end], self.buffer[end:]
+                return first & 0x0F, payload
+            self.buffer += self._recv()
+
+    def reply(self) -> dict[str, object]:
+        opcode, payload = self.frame()
+        assert opcode == 0x1, (opcode, payload)
+        return json.loads(payload)
+
+    def close_code(self) -> int:
+        """The code of the server's close frame; replies before it are passed over (a
+        close for a broken frame leaves at once, replies to earlier messages may not)."""
+        opcode, payload = self.frame()
+        while opcode == 0x1:
+            opcode, payload = self.frame()
+        assert opcode == 0x8, (opcode, payload)
+        return int.from_bytes(payload[:2], "big")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[BackgroundServer]:
+    with running_server(max_message_bytes=64 << 10) as server:
+        yield server
+
+
+@pytest.fixture
+def client(server: BackgroundServer) -> Iterator[RawClient]:
+    raw = RawClient(server.url)
+    yield raw
+    raw.sock.close()
+
+
+def reads_directly(server: BackgroundServer, client: RawClient) -> bool:
+    """Whether the server's side of ``client``'s connection still reads frames directly."""
+    port = client.sock.getsockname()[1]
+    (protocol,) = [c for c in server._server.server_state.connections
+                   if isinstance(c, DirectFramesProtocol) and c.client[1] == port]
+    return protocol.direct
+
+
+def test_frame_headers_take_the_three_length_forms():
+    for length in (0, 125, 126, 65535, 65536):
+        header = frame_header(length)
+        assert split_frame(header + b"x" * length, 0) == (0x81, len(header), len(header) + length,
+                                                          -1)
+        assert split_frame(header + b"x" * (length - 1), 0) is None or length == 0
+    assert split_frame(b"\x81", 0) is None
+
+
+def test_a_masked_frame_is_found_after_others():
+    data = client_frame(b"one") + client_frame(b"two" * 100)
+    first = split_frame(data, 0)
+    assert first is not None and first[3] == 2 and first[2] == 2 + 4 + 3
+    second = split_frame(data, first[2])
+    assert second is not None and second[2] == len(data) and second[1] - second[3] == 4
+
+
+def test_messages_split_byte_by_byte_and_packed_together_are_answered_in_order(server, client):
+    client.sock.sendall(message("reset"))
+    assert client.reply()["type"] == "observation"
+    for byte in message("step", code="x = 41\nprint(x + 1)"):
+        client.sock.sendall(bytes([byte]))
+    assert client.reply()["data"]["observation"]["stdout"] == "42\n"
+    client.sock.sendall(b"".join(message("step", code=f"print({i})") for i in range(40)))
+    outputs = [client.reply()["data"]["observation"]["stdout"] for _ in range(40)]
+    assert outputs == [f"{i}\n" for i in range(40)]
+    assert reads_directly(server, client)
+
+
+def test_a_ping_between_messages_gets_its_pong_and_the_direct_path_goes_on(server, client):
+    client.sock.sendall(message("state") + client_frame(b"are you there", opcode=0x9)
+                        + message("state"))
+    frames = [client.frame() for _ in range(3)]
+    # The pong leaves at once, the replies once the app has them.
+    assert (0xA, b"are you there") in frames
+    replies = [json.loads(payload) for opcode, payload in frames if opcode == 0x1]
+    assert [reply["type"] for reply in replies] == ["state", "state"]
+    assert reads_directly(server, client)
+
+
+def test_a_fragmented_message_is_reassembled_and_later_messages_still_served(server, client):
+    text = json.dumps({"type": "state"}).encode()
+    client.sock.sendall(client_frame(text[:5], fin=False) + client_frame(text[5:], opcode=0x0))
+    assert client.reply()["type"] == "state"
+    assert not reads_directly(server, client)  # uvicorn's path from there on
+    client.sock.sendall(message("state"))
+    assert client.reply()["type"] == "state"
+
+
+def test_binary_frames_reach_the_app(server, client):
+    client.sock.sendall(client_frame(json.dumps({"type": "state"}).encode(), opcode=0x2))
+    assert client.reply()["type"] == "state"
+    assert reads_directly(server, client)
+
+
+def test_a_message_over_the_apps_limit_gets_its_error_and_the_session_goes_on(client):
+    client.sock.sendall(message("step", code="#" * (80 << 10)))
+    reply = client.reply()
+    assert reply["type"] == "error"
+    assert "limit" in str(reply["data"]["message"])
+    client.sock.sendall(message("state"))
+    assert client.reply()["type"] == "state"
+
+
+def test_a_frame_beyond_any_message_closes_with_1009(client):
+    client.sock.sendall(client_frame(b"x" * (300 << 10)))
+    assert client.close_code() == 1009
+
+
+def test_invalid_utf8_in_a_text_frame_closes_with_1007(client):
+    client.sock.sendall(message("state") + client_frame(b"\xff\xfe"))
+    assert client.close_code() == 1007
+
+
+@pytest.mark.parametrize("frame", [client_frame(b"{}", masked=False),
+                                   client_frame(b"{}", rsv=0x40)],
+                         ids=["unmasked", "reserved bit"])
+def test_frames_breaking_the_protocol_close_with_1002(client, frame):
+    client.sock.sendall(frame)
+    assert client.close_code() == 1002
+
+
+def test_a_client_close_is_answered_and_ends_the_connection(client):
+    client.sock.sendall(message("state") + client_frame(struct.pack("!H", 1000), opcode=0x8))
+    assert client.close_code() == 1000
