@@ -23,7 +23,7 @@ from coding_gym.backends.remote import CLOSE_UNAUTHORIZED
 from coding_gym.errors import BackendError
 from coding_gym.models import Limits
 from coding_gym.openenv import CodeAction, CodeObservation, CodeState
-from coding_gym.server import protocol
+from coding_gym.server import protocol, wsprotocol
 from coding_gym.server.connection import Connection
 from coding_gym.server.protocol import ResetRequest, StepRequest
 from coding_gym.server.security import (
@@ -254,7 +254,8 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
             await ws.close(code=1013, reason="server at capacity")
             return
         # After the handshake, messages bypass the WebSocket wrapper (see connection.py).
-        await Connection(receive, send, session, manager, max_message_bytes).serve()
+        await Connection(receive, send, session, manager, max_message_bytes,
+                         scope.get("extensions", {}).get(wsprotocol.EXTENSION)).serve()
 
     # Outermost: Starlette's exception handling and FastAPI's own layers would otherwise wrap
     # every message of every session (see WebSocketAtPath).

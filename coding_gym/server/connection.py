@@ -6,7 +6,9 @@ being held until the code finishes.
 
 The connection speaks ASGI directly (``receive`` and ``send``) once the route has accepted
 the WebSocket: through Starlette's ``WebSocket`` wrapper and FastAPI's route, which check and
-wrap every message, an echo round trip took 153 µs, against 134 µs without them.
+wrap every message, an echo round trip took 153 µs, against 134 µs without them. Under
+``coding-gym serve`` the server's protocol hands messages over by a call and takes replies
+the same way (``wsprotocol.py``); the ASGI events remain for the rest (and other servers).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from coding_gym import jsontext
 from coding_gym.errors import BackendError
 from coding_gym.server import protocol
 from coding_gym.server.sessions import Session, SessionManager
+from coding_gym.server.wsprotocol import DirectFramesProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +37,13 @@ class Connection:
     """Serves one accepted WebSocket with one session until either side ends it."""
 
     def __init__(self, receive: Receive, send: Send, session: Session,
-                 manager: SessionManager, max_message_bytes: int) -> None:
+                 manager: SessionManager, max_message_bytes: int,
+                 frames: DirectFramesProtocol | None = None) -> None:
         self.receive = receive
         self.send = send
+        #: The server's protocol, where it hands messages over and writes replies directly
+        #: (see wsprotocol.py): one turn of the loop less per request.
+        self._direct = frames
         self.session = session
         self.manager = manager
         self.max_message_bytes = max_message_bytes
@@ -50,6 +57,8 @@ class Connection:
         session.on_expire = self._expire
 
     async def serve(self) -> None:
+        if self._direct is not None:
+            self._direct.deliver_to(self._take)
         reader = asyncio.get_running_loop().create_task(self._read_frames())
         try:
             while True:
@@ -64,6 +73,8 @@ class Connection:
                     break
         finally:
             reader.cancel()
+            if self._direct is not None:
+                self._direct.deliver_to(None)
             await self.manager.close(self.session)
 
     async def _next_frame(self) -> str | bytes | None:
@@ -75,7 +86,15 @@ class Connection:
             await self._wait()
         if len(frames) == _MAX_PENDING:
             self._wake()  # the reader may be waiting for room
+            if self._direct is not None:
+                self._direct.read_more()
         return None if self._gone else frames.popleft()
+
+    def _take(self, frame: str | bytes) -> bool:
+        """A message handed over by the server's protocol; False once enough are waiting."""
+        self._frames.append(frame)
+        self._wake()
+        return len(self._frames) < _MAX_PENDING
 
     async def _read_frames(self) -> None:
         frames = self._frames
@@ -145,8 +164,11 @@ class Connection:
     async def _send(self, reply: dict[str, Any]) -> bool:
         if self._closed:
             return False
+        text = jsontext.dumps(reply)
+        if self._direct is not None and self._direct.send_text_now(text):
+            return True
         try:
-            await self.send({"type": "websocket.send", "text": jsontext.dumps(reply)})
+            await self.send({"type": "websocket.send", "text": text})
         except (OSError, RuntimeError):
             # uvicorn's ClientDisconnected is an OSError; a send after a close, RuntimeError.
             self._gone = True

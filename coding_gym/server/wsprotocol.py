@@ -7,7 +7,10 @@ message), pauses the socket's reading after every message and resumes it at the 
 ``receive`` (two changes to the event loop's poller each time), and frames every reply
 through the same machinery. Here a whole, unfragmented text or binary frame of an open
 connection is unmasked and queued for the app directly, and a text reply is framed
-directly; reading pauses only when the app falls :data:`READ_AHEAD` messages behind.
+directly; reading pauses only when the app falls :data:`READ_AHEAD` messages behind. An app
+that finds the protocol in its scope's extensions (:data:`EXTENSION`) may take those
+messages by a call and write its replies the same way, without the ASGI events and the
+turns of the event loop they cost.
 
 Everything else (the handshake, control frames, fragments, oversized or invalid frames,
 closing) still goes through uvicorn and websockets, which see only whole frames, so their
@@ -18,6 +21,7 @@ switches the connection to uvicorn's path for good, if it could leave the parser
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -26,6 +30,9 @@ from websockets.protocol import State
 
 #: Messages queued for the app before reading pauses.
 READ_AHEAD = 16
+#: The key of the ASGI scope's ``extensions`` under which the protocol offers itself, for
+#: :meth:`DirectFramesProtocol.deliver_to` and :meth:`DirectFramesProtocol.send_text_now`.
+EXTENSION = "coding_gym.direct_frames"
 
 _TEXT, _BINARY, _CLOSE = 0x1, 0x2, 0x8
 _SHORT = struct.Struct("!BB")
@@ -84,6 +91,8 @@ class DirectFramesProtocol(WebSocketsSansIOProtocol):
         #: Bytes of a frame not yet whole, kept until the rest arrives.
         self._partial = bytearray()
         self._max_size: int = self.config.ws_max_size or 1 << 62
+        self._consumer: Callable[[str | bytes], bool] | None = None
+        self._consumer_full = False
 
     def data_received(self, data: bytes) -> None:
         if not self.handshake_complete:
@@ -138,21 +147,53 @@ class DirectFramesProtocol(WebSocketsSansIOProtocol):
             return False
         payload = apply_mask(data[at:end], data[mask:mask + 4])
         if opcode == _BINARY:
-            self.queue.put_nowait({"type": "websocket.receive", "bytes": payload})
+            self._hand_over(payload, {"type": "websocket.receive", "bytes": payload})
             return True
         try:
             text = payload.decode()
         except UnicodeDecodeError:
             return False  # websockets closes with 1007
-        self.queue.put_nowait({"type": "websocket.receive", "text": text})
+        self._hand_over(text, {"type": "websocket.receive", "text": text})
+        return True
+
+    def _hand_over(self, message: str | bytes, event: Any) -> None:
+        if self._consumer is not None:
+            self._consumer_full = not self._consumer(message)
+        else:
+            self.queue.put_nowait(event)
+
+    def deliver_to(self, consumer: Callable[[str | bytes], bool] | None) -> None:
+        """From now on, call ``consumer`` with each message read directly, instead of
+        queueing it for ``receive`` (which still brings everything else: messages through
+        uvicorn's path, the disconnect); None queues them again. ``consumer`` returns False
+        when it wants no more for now: reading pauses until :meth:`read_more`."""
+        self._consumer = consumer
+
+    def read_more(self) -> None:
+        """The consumer of :meth:`deliver_to` has room again."""
+        self._consumer_full = False
+        if self.read_paused and self.queue.empty():
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def send_text_now(self, text: str) -> bool:
+        """Write ``text`` as one message if the direct path may; False if ``send`` must."""
+        if (not self._direct or not self.handshake_complete or self.close_sent
+                or self.disconnected or self.initial_response is not None
+                or not self.writable.is_set() or self.conn.state is not State.OPEN):
+            return False
+        payload = text.encode()
+        self.transport.write(frame_header(len(payload)) + payload)
         return True
 
     async def send(self, message: Any) -> None:
         text = message.get("text") if message["type"] == "websocket.send" else None
-        if (text is None or not self._direct or not self.handshake_complete
-                or self.close_sent or self.disconnected or self.initial_response is not None
-                or not self.writable.is_set() or self.conn.state is not State.OPEN):
+        if text is None or not self.send_text_now(text):
             await super().send(message)
-            return
-        payload = text.encode()
-        self.transport.write(frame_header(len(payload)) + payload)
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if self._direct and scope is not None:
+            # The app's task starts at the next turn of the loop: it finds this there.
+            scope["extensions"][EXTENSION] = self
