@@ -138,6 +138,19 @@ def test_messages_split_byte_by_byte_and_packed_together_are_answered_in_order(s
     assert reads_directly(server, client)
 
 
+def test_a_backlog_beyond_what_the_session_reads_ahead_is_answered_in_order(server, client):
+    # Past 64 waiting messages the session asks the protocol to pause reading, and to
+    # resume once it has room again.
+    client.sock.sendall(message("reset"))
+    assert client.reply()["type"] == "observation"
+    client.sock.sendall(b"".join(message("step", code=f"print({i})") for i in range(200)))
+    outputs = [client.reply()["data"]["observation"]["stdout"] for _ in range(200)]
+    assert outputs == [f"{i}\n" for i in range(200)]
+    client.sock.sendall(message("state"))  # reading resumed
+    assert client.reply()["type"] == "state"
+    assert reads_directly(server, client)
+
+
 def test_a_ping_between_messages_gets_its_pong_and_the_direct_path_goes_on(server, client):
     client.sock.sendall(message("state") + client_frame(b"are you there", opcode=0x9)
                         + message("state"))
