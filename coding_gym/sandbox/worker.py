@@ -51,6 +51,7 @@ _RUSAGE_CHILDREN = resource.RUSAGE_CHILDREN
 # The C functions themselves: signal.signal's enum conversions cost ~10 µs a call.
 _setitimer = _signal.setitimer
 _set_handler = _signal.signal
+_get_handler = _signal.getsignal
 _ITIMER_REAL = signal.ITIMER_REAL
 _ITIMER_PROF = signal.ITIMER_PROF
 _SIGALRM = int(signal.SIGALRM)
@@ -184,8 +185,17 @@ class Worker(Copies):
         _dup2(self._fd_out, 1)
         _dup2(self._fd_err, 2)
         sys.stdout, sys.stderr, sys.stdin = self.stdout, self.stderr, sys.__stdin__
-        _set_handler(_SIGALRM, self._on_timer_handler)
-        _set_handler(_SIGPROF, self._on_timer_handler)
+        self._keep_timer_handlers()
+
+    def _keep_timer_handlers(self) -> None:
+        """Install the timers' handler where the code replaced it (only there: a system call
+        each). At the end of a step too: the timers stay armed between steps, and either
+        signal's default action would end the interpreter."""
+        handler = self._on_timer_handler
+        if _get_handler(_SIGALRM) is not handler:
+            _set_handler(_SIGALRM, handler)
+        if _get_handler(_SIGPROF) is not handler:
+            _set_handler(_SIGPROF, handler)
 
     def run(self, code: str, timeout_s: float) -> dict[str, Any]:
         self._restore_streams()
@@ -212,10 +222,11 @@ class Worker(Copies):
                     self._remember(code, compiled)
                 exec(compiled, self.namespace)
             finally:
-                # First thing: from here on a late timer signal is ignored.
+                # From here on a timer signal is ignored; the timers stay armed (the next
+                # step sets them again): between steps they fire at most once, for nothing,
+                # and disarming them cost two system calls every step.
                 self._in_step = False
-                _setitimer(_ITIMER_REAL, 0)
-                _setitimer(_ITIMER_PROF, 0)
+                self._keep_timer_handlers()
         except SystemExit as e:
             exit_code, message = _exit_status(e.code)
             self._write_stderr(message)

@@ -134,6 +134,18 @@ def test_hard_timeout_when_agent_ignores_the_timer(backend):
     assert result.kill_reason == "timeout" and result.state_lost
 
 
+def test_timer_signals_reset_by_a_step_do_not_end_the_idle_interpreter(backend):
+    # The step's timers stay armed after it; their handler must be back before they fire.
+    code = "import signal\nfor s in (signal.SIGALRM, signal.SIGPROF):\n" \
+           "    signal.signal(s, signal.SIG_DFL)\nx = 5"
+    assert backend.run(code, timeout_s=0.3).exit_code == 0
+    time.sleep(0.6)  # past the step's limit, idle
+    after = backend.run("print(x)", timeout_s=0.3)
+    assert after.stdout == "5\n" and not after.state_lost
+    looping = backend.run("while True: pass", timeout_s=0.3)
+    assert looping.kill_reason == "timeout" and not looping.state_lost
+
+
 def test_large_output_is_truncated_and_flagged():
     with LocalBackend(Limits(max_output_bytes=100_000)) as backend:
         backend.reset()
