@@ -47,3 +47,25 @@ def test_the_episode_and_what_it_starts_share_limited_cgroups(no_leaked_processe
         limit = "memory.limit_in_bytes" if support.version == 1 else "memory.max"
         with open(os.path.join(support.memory_dir, group, limit)) as f:
             assert int(f.read()) == 300 << 20
+        if support.cpu_dir:
+            # The child started a session of its own: the kernel's grouping by session
+            # would have given it a full weight; the cgroup keeps it at the lowest.
+            assert _group_of(child, "cpu") == group
+            assert {worker, child} <= _members(support.cpu_dir, group)
+            setting, weight = cgroups.CPU_WEIGHT[support.version]
+            with open(os.path.join(support.cpu_dir, group, setting)) as f:
+                assert int(f.read()) == weight
+            assert "the lowest CPU weight" in backend.describe()["isolation"]["cgroup"]["detail"]
+
+
+@pytest.mark.skipif(not support.cpu_dir, reason="the cpu controller cannot be written here")
+def test_an_episode_being_killed_gets_the_normal_cpu_weight_back():
+    group = cgroups.Cgroup.create(memory_bytes=64 << 20, pids_max=8)
+    assert group is not None
+    try:
+        assert group.cpu_weight() == cgroups.CPU_WEIGHT[support.version][1]
+        group.kill()
+        assert group.cpu_weight() == {1: 1024, 2: 100}[support.version]
+    finally:
+        group.remove()
+    assert group.cpu_weight() is None  # removed
