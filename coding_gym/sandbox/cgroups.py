@@ -39,8 +39,10 @@ class CgroupSupport:
     cpu_dir: str = ""
 
 
-#: The lowest CPU weight of each version (a nice-19 process weighs 15 against 1024 at nice 0).
-CPU_WEIGHT = {1: ("cpu.shares", 2), 2: ("cpu.weight", 1)}
+#: The CPU weight of an episode: that of one process at nice 19 (15 against 1024 at nice 0;
+#: v2's scale is a hundredth, so its lowest weight). Lower still starved the episodes' own
+#: start-up and clean-up under load, for no gain to the server.
+CPU_WEIGHT = {1: ("cpu.shares", 15), 2: ("cpu.weight", 1)}
 #: The default weight, given back to an episode being killed so its processes die at once.
 _NORMAL_WEIGHT = {1: 1024, 2: 100}
 
@@ -136,9 +138,6 @@ class Cgroup:
                 group._write(group._memory, "memory.max", memory_bytes)
                 group._write(group._memory, "memory.swap.max", 0, optional=True)
             group._write(group._pids, "pids.max", pids_max)
-            if group._cpu:
-                setting, weight = CPU_WEIGHT[support.version]
-                group._write(group._cpu, setting, weight)
         except OSError as e:
             logger.warning("could not set up a cgroup for the worker: %s", e)
             group.remove()
@@ -166,6 +165,15 @@ class Cgroup:
                 return [int(line) for line in f if line.strip()]
         except OSError:
             return []
+
+    def lower_cpu_weight(self) -> None:
+        """Give the episode's processes together the lowest CPU weight. The worker's parent
+        calls it once the worker is ready, before any of the episode's code runs: the
+        worker's own start-up keeps the normal weight, or an interpreter replacing a
+        killed one would wait behind every busy episode."""
+        if self._cpu:
+            setting, weight = CPU_WEIGHT[self._support.version]
+            self._write(self._cpu, setting, weight, optional=True)
 
     def cpu_weight(self) -> int | None:
         """The episode's CPU weight (``cpu.shares`` or ``cpu.weight``); None without a cpu

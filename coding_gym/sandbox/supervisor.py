@@ -229,6 +229,8 @@ class WorkerProcess:
                             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
                             if self.pid != sender:
                                 self._became(sender)
+                            if self.cgroup is not None:
+                                self.cgroup.lower_cpu_weight()  # no episode code ran yet
                             report = message.get("isolation")
                             self.isolation = report if isinstance(report, dict) else {}
                             return
