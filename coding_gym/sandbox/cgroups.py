@@ -4,11 +4,12 @@ the parent.
 The pids cgroup is the only process cap that binds root (RLIMIT_NPROC does not), so it is what
 contains a fork bomb. It also gives a complete list of the worker's processes to kill, even
 those that left its process group. The cpu cgroup gives all of the worker's processes
-together the lowest CPU weight, wherever they go: with the kernel's automatic grouping by
-session, a process of the episode that starts a session of its own would otherwise weigh as
-much as the server (six such processes took three quarters of the CPU a busy caller had
-before). Both cgroup v1 and v2 are handled; where neither can be written (an unprivileged
-user, a default Docker container), :func:`probe` says why and the worker runs without one.
+together the CPU weight of one nice-19 process, wherever they go: with the kernel's
+automatic grouping by session, a process of the episode that starts a session of its own
+would otherwise weigh as much as the server (six such processes took three quarters of the
+CPU a busy caller had before). Both cgroup v1 and v2 are handled; where neither can be
+written (an unprivileged user, a default Docker container), :func:`probe` says why and the
+worker runs without one.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ def layer_report(requested: bool, group: Cgroup | None) -> dict[str, object]:
     if group is None:
         return {"active": False, "detail": probe().reason or "the cgroup could not be created"}
     support = probe()
-    weight = ", the lowest CPU weight for all its processes" if support.cpu_dir else ""
+    weight = (", all its processes together weighing one nice-19 process on the CPU"
+              if support.cpu_dir else "")
     return {"active": True, "detail": f"cgroup v{support.version}: memory and pids limits"
             f"{weight}, every process of the episode killed with it"}
 
@@ -167,7 +169,7 @@ class Cgroup:
             return []
 
     def lower_cpu_weight(self) -> None:
-        """Give the episode's processes together the lowest CPU weight. The worker's parent
+        """Give the episode's processes together the weight of :data:`CPU_WEIGHT`. The parent
         calls it once the worker is ready, before any of the episode's code runs: the
         worker's own start-up keeps the normal weight, or an interpreter replacing a
         killed one would wait behind every busy episode."""

@@ -49,13 +49,14 @@ def test_the_episode_and_what_it_starts_share_limited_cgroups(no_leaked_processe
             assert int(f.read()) == 300 << 20
         if support.cpu_dir:
             # The child started a session of its own: the kernel's grouping by session
-            # would have given it a full weight; the cgroup keeps it at the lowest.
+            # would have given it a full weight; the cgroup keeps it at the episode's.
             assert _group_of(child, "cpu") == group
             assert {worker, child} <= _members(support.cpu_dir, group)
             setting, weight = cgroups.CPU_WEIGHT[support.version]
             with open(os.path.join(support.cpu_dir, group, setting)) as f:
                 assert int(f.read()) == weight
-            assert "the lowest CPU weight" in backend.describe()["isolation"]["cgroup"]["detail"]
+            detail = backend.describe()["isolation"]["cgroup"]["detail"]
+            assert "weighing one nice-19 process" in detail
 
 
 @pytest.mark.skipif(not support.cpu_dir, reason="the cpu controller cannot be written here")
