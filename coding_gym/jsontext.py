@@ -1,9 +1,13 @@
 """JSON text of the wire: ``orjson`` where it is installed, the standard library otherwise.
 
 Encoding a step's reply (mostly the floats of its ``info``) took ``json.dumps`` 15 µs and
-``orjson.dumps`` 0.6 µs. Both write JSON that decodes to the same values; where orjson refuses
-a value (an int beyond 64 bits, a lone surrogate, a key that is not a string), ``json`` writes
-it.
+``orjson.dumps`` 0.6 µs; decoding it, ``json.loads`` 5 µs and ``orjson.loads`` 1.3 µs.
+
+Both write JSON that decodes to the same values; where orjson refuses a value (an int beyond
+64 bits, a lone surrogate, a key that is not a string), ``json`` writes it. Reading, where
+orjson refuses text (NaN and Infinity, a lone surrogate), ``json`` reads it; one difference
+remains: orjson reads an integer beyond 64 bits as a float. No field of the wire protocol
+holds one.
 """
 
 from __future__ import annotations
@@ -25,3 +29,13 @@ def dumps(value: Any) -> str:
         except TypeError:
             pass
     return json.dumps(value, separators=(",", ":"))
+
+
+def loads(text: str | bytes) -> Any:
+    """The value of JSON ``text``; ``ValueError`` if it is not JSON."""
+    if orjson is not None:
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(text)

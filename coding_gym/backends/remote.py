@@ -7,7 +7,6 @@ truncation, kill reason, lost state); with a plain OpenEnv server those keys get
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import weakref
@@ -98,9 +97,15 @@ class ServerConnection:
             ) from e
 
     def request(self, message: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
-        """Send ``message`` and return the ``data`` of the reply (observation or state)."""
+        """Send ``message`` and return the ``data`` of the reply (observation or state),
+        opening the WebSocket first if need be."""
         self.open()
-        assert self._ws is not None
+        return self.exchange(message, timeout_s=timeout_s)
+
+    def exchange(self, message: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+        """:meth:`request` over a WebSocket the caller just saw :attr:`connected`, without
+        looking again (a look is a system call)."""
+        assert self._ws is not None, "exchange() needs an open connection: use request()"
         try:
             self._ws.send(jsontext.dumps(message))
             raw = self._ws.recv(timeout_s)
@@ -126,7 +131,7 @@ class ServerConnection:
 
     def _reply_data(self, raw: str | bytes) -> dict[str, Any]:
         try:
-            reply = json.loads(raw)
+            reply = jsontext.loads(raw)
         except ValueError as e:
             self.close()
             raise BackendError(f"the server at {self.url} sent a reply that is not JSON") from e
@@ -158,7 +163,7 @@ class ServerConnection:
         if ws is None:
             return
         try:
-            ws.send(json.dumps({"type": "close"}))
+            ws.send(jsontext.dumps({"type": "close"}))
         except (ConnectionClosed, OSError):
             pass
         ws.close()
@@ -238,7 +243,7 @@ class RemoteBackend:
             # Only our server takes a timeout here; OpenEnv's refuses unknown keys.
             message["timeout_s"] = limit_s
         started = time.perf_counter()
-        data = self._connection.request(message, timeout_s=limit_s + _REPLY_MARGIN_S)
+        data = self._connection.exchange(message, timeout_s=limit_s + _REPLY_MARGIN_S)
         result = _exec_result(data, wall_time_s=time.perf_counter() - started, url=self.url)
         result.state_lost = result.state_lost or state_lost
         return result

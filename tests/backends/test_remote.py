@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import gymnasium as gym
 import pytest
 from gymnasium.utils.env_checker import check_env
+from websockets.sync.server import ServerConnection, serve
 
 import coding_gym  # noqa: F401  (registers CodingEnv-v0)
 from coding_gym.backends.remote import RemoteBackend, websocket_url
@@ -247,3 +250,33 @@ def test_output_bigger_than_the_clients_own_limit_still_arrives():
         backend.reset()
         result = backend.run("import sys\nsys.stdout.write('\\x01' * 5_000_000)")
         assert len(result.stdout) == 5_000_000 and not result.stdout_truncated
+
+
+@contextmanager
+def answering(reply: str) -> Iterator[str]:
+    """A WebSocket server that answers every message with ``reply``; its base URL."""
+
+    def answer(ws: ServerConnection) -> None:
+        for _ in ws:
+            ws.send(reply)
+
+    with serve(answer, "127.0.0.1", 0) as ws_server:
+        thread = threading.Thread(target=ws_server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{ws_server.socket.getsockname()[1]}"
+        finally:
+            ws_server.shutdown()
+            thread.join(10)
+
+
+@pytest.mark.parametrize(("reply", "words"), [
+    ("<html>busy</html>", "sent a reply that is not JSON"),
+    ('{"type": "observation", "data": {"observation": NaN} junk', "sent a reply that is not JSON"),
+    ('{"type": "observation", "data": [1]}', "sent a reply without a data object"),
+])
+def test_a_reply_that_is_no_protocol_message_is_a_backend_error(reply, words):
+    with answering(reply) as url, RemoteBackend(base_url=url) as backend:
+        with pytest.raises(BackendError, match=words):
+            backend.reset()
+        assert not backend.connected
