@@ -7,7 +7,7 @@ reply. Frames that arrive between two requests (pings, a close) are handled at t
 or when :attr:`BlockingWebSocket.open` looks.
 
 websockets' sans-I/O protocol does the opening handshake; the frames after it are built and
-parsed here (RFC 6455 framing, in :mod:`~coding_gym.backends.websocket_frames`). Through that
+parsed here (RFC 6455 framing, in :mod:`~coding_gym.wsframes`). Through that
 protocol (a generator-based parser, a ``Frame`` object per frame, event and output queues), a
 ``RemoteBackend`` step of ``print(1)`` cost the client about 92 µs of CPU on loopback; with
 the framing here (and orjson decoding the reply), about 62 µs, of which the system calls take
@@ -33,7 +33,7 @@ from websockets.http11 import USER_AGENT
 from websockets.protocol import CLOSED, CLOSING, CONNECTING, OPEN
 from websockets.uri import parse_uri
 
-from coding_gym.backends import websocket_frames as frames
+from coding_gym import wsframes as frames
 
 _CHUNK = 1 << 16
 
@@ -201,15 +201,11 @@ class BlockingWebSocket:
     def _take_frames(self, data: bytes | bytearray) -> None:
         """Handle every whole frame in ``data``; keep the rest for the next read."""
         start, size = 0, len(data)
-        while self._state is not CLOSED and size - start >= 2:
-            head, second = data[start], data[start + 1]
-            length, offset = second & frames.LENGTH, start + 2
-            if length >= 126:
-                width = 2 if length == 126 else 8
-                if size - offset < width:
-                    break
-                length = int.from_bytes(data[offset:offset + width], "big")
-                offset += width
+        while self._state is not CLOSED:
+            found = frames.read_header(data, start)
+            if found is None:
+                break
+            head, second, length, offset = found
             error = frames.header_error(
                 head, second, length, in_message=bool(self._fragments),
                 message_size=self._fragments_size, max_size=self._max_size)

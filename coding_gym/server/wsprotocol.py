@@ -20,13 +20,13 @@ switches the connection to uvicorn's path for good, if it could leave the parser
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.frames import apply_mask
 from websockets.protocol import State
+
+from coding_gym.wsframes import BINARY, MASK, TEXT, apply_mask, header, read_header
 
 #: Messages queued for the app before reading pauses.
 READ_AHEAD = 16
@@ -34,49 +34,25 @@ READ_AHEAD = 16
 #: :meth:`DirectFramesProtocol.deliver_to` and :meth:`DirectFramesProtocol.send_text_now`.
 EXTENSION = "coding_gym.direct_frames"
 
-_TEXT, _BINARY, _CLOSE = 0x1, 0x2, 0x8
-_SHORT = struct.Struct("!BB")
-_MEDIUM = struct.Struct("!BBH")
-_LONG = struct.Struct("!BBQ")
 #: What uvicorn's protocol must have for the direct paths to stand in for its own (a
 #: release without them keeps uvicorn's paths throughout).
 _NEEDED = ("conn", "queue", "transport", "handshake_complete", "close_sent", "disconnected",
            "initial_response", "read_paused", "writable", "config")
 
 
-def frame_header(length: int, opcode: int = _TEXT) -> bytes:
-    """The header of a whole, unmasked frame (a server's) of ``length`` payload bytes."""
-    first = 0x80 | opcode
-    if length < 126:
-        return _SHORT.pack(first, length)
-    if length < 1 << 16:
-        return _MEDIUM.pack(first, 126, length)
-    return _LONG.pack(first, 127, length)
-
-
 def split_frame(data: bytes | bytearray, start: int) -> tuple[int, int, int, int] | None:
     """Where the frame at ``data[start:]`` is: (first header byte, payload start, payload
     end, mask start), or None while it is incomplete. The mask start is -1 for an unmasked
     frame."""
-    available = len(data) - start
-    if available < 2:
+    found = read_header(data, start)
+    if found is None:
         return None
-    first, second = data[start], data[start + 1]
-    length, at = second & 0x7F, start + 2
-    if length == 126:
-        if available < 4:
-            return None
-        length, at = int.from_bytes(data[at:at + 2], "big"), at + 2
-    elif length == 127:
-        if available < 10:
-            return None
-        length, at = int.from_bytes(data[at:at + 8], "big"), at + 8
+    first, second, length, at = found
     mask = -1
-    if second & 0x80:
+    if second & MASK:
         mask, at = at, at + 4
     end = at + length
     return (first, at, end, mask) if end <= len(data) else None
-
 
 
 class DirectFramesProtocol(WebSocketsSansIOProtocol):
@@ -142,11 +118,11 @@ class DirectFramesProtocol(WebSocketsSansIOProtocol):
         """Queue the message of a whole data frame for the app; False for any other."""
         first, at, end, mask = where
         opcode = first & 0x0F
-        if first & 0xF0 != 0x80 or mask < 0 or opcode not in (_TEXT, _BINARY) \
+        if first & 0xF0 != 0x80 or mask < 0 or opcode not in (TEXT, BINARY) \
                 or end - at > self._max_size:
             return False
         payload = apply_mask(data[at:end], data[mask:mask + 4])
-        if opcode == _BINARY:
+        if opcode == BINARY:
             self._hand_over(payload, {"type": "websocket.receive", "bytes": payload})
             return True
         try:
@@ -183,7 +159,7 @@ class DirectFramesProtocol(WebSocketsSansIOProtocol):
                 or not self.writable.is_set() or self.conn.state is not State.OPEN):
             return False
         payload = text.encode()
-        self.transport.write(frame_header(len(payload)) + payload)
+        self.transport.write(header(TEXT, len(payload)) + payload)
         return True
 
     async def send(self, message: Any) -> None:

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import pytest
 
 from coding_gym.server.serving import BackgroundServer
-from coding_gym.server.wsprotocol import DirectFramesProtocol, frame_header, split_frame
+from coding_gym.server.wsprotocol import DirectFramesProtocol, split_frame
+from coding_gym.wsframes import TEXT, header
 from tests.servers import running_server
 
 
@@ -111,10 +112,9 @@ def reads_directly(server: BackgroundServer, client: RawClient) -> bool:
 
 def test_frame_headers_take_the_three_length_forms():
     for length in (0, 125, 126, 65535, 65536):
-        header = frame_header(length)
-        assert split_frame(header + b"x" * length, 0) == (0x81, len(header), len(header) + length,
-                                                          -1)
-        assert split_frame(header + b"x" * (length - 1), 0) is None or length == 0
+        head = header(TEXT, length)
+        assert split_frame(head + b"x" * length, 0) == (0x81, len(head), len(head) + length, -1)
+        assert split_frame(head + b"x" * (length - 1), 0) is None or length == 0
     assert split_frame(b"\x81", 0) is None
 
 

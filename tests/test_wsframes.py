@@ -1,10 +1,11 @@
-"""websocket_frames: the client's masked frames, and the checks of a server frame's header."""
+"""wsframes: headers both ways, the client's masked frames, and the checks of a server frame's
+header."""
 
 from __future__ import annotations
 
 import pytest
 
-from coding_gym.backends import websocket_frames as frames
+from coding_gym import wsframes as frames
 
 
 def unmask(frame: bytes) -> tuple[int, int, bytes]:
