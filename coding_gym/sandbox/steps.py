@@ -157,9 +157,7 @@ class StepRun:
             if not self.snapshot:
                 fields = worker.inbox.receive_result()
                 if fields is not None:
-                    exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending = fields
-                    self._conclude(exit_code, kill_reason_of(reason), wall_ns, cpu_ns,
-                                   out_pending, err_pending)
+                    self.on_result(fields)
                     return
             for message, fds in worker.inbox.receive(with_fds=self.snapshot):
                 kind = message.get("type")
@@ -181,6 +179,13 @@ class StepRun:
                     return
             if not worker.inbox.connected:
                 self._die()
+
+    def on_result(self, fields: tuple[int, int, int, int, int, int]) -> None:
+        """Finish the step with the fields of a plain reply (``Inbox.receive_result``): read
+        what it left in the pipes, and make the result."""
+        exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending = fields
+        self._conclude(exit_code, kill_reason_of(reason), wall_ns, cpu_ns, out_pending,
+                       err_pending)
 
     def _finish(self, reply: dict[str, Any]) -> None:
         """The worker replied: read what the step left in the pipes, and make the result."""

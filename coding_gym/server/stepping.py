@@ -14,13 +14,11 @@ The loop serves every session; a step must not hold it.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 from concurrent.futures import Executor
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import ExecResult
-from coding_gym.sandbox import protocol
 from coding_gym.sandbox.steps import QUIET_S, StepRun
 from coding_gym.sandbox.supervisor import WorkerProcess
 
@@ -30,9 +28,6 @@ LOOP_CODE_CHARS = 16 << 10
 #: Output the loop may read for one reply (the worker's count of bytes left in its pipes,
 #: which its code could forge); more than a pipe holds by default.
 _LOOP_DRAIN_BYTES = 1 << 20
-_RESULT_FRAME_BYTES = protocol.HEADER.size + 1 + protocol.RESULT.size
-# An int: or-ing the flags at each call costs more than the peek itself (IntFlag arithmetic).
-_PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
 
 def ready_on_loop(backend: LocalBackend, code: str) -> bool:
@@ -59,20 +54,37 @@ async def drive(backend: LocalBackend, code: str, timeout_s: float, executor: Ex
     ``watch`` is the backend's, kept by the caller from one step to the next.
     """
     step = backend.begin(code, timeout_s=timeout_s)
+    fields = None
     try:
-        if step.result is None and await _result_waiting(step, watch):
-            step.on_event(step.worker.sock.fileno())
+        if step.result is None and await _replied(step, watch):
+            # Whatever else came (what the step's code wrote to the socket, a partial
+            # frame, the end of the stream) stays with the inbox, for the thread.
+            fields = step.worker.inbox.receive_result()
+            if fields is not None and drains_on_loop(fields):
+                step.on_result(fields)
     except asyncio.CancelledError:
         backend.interrupt()  # nobody will read this step's reply: the next must not
         raise
     if step.result is None:
         watch.stop()  # the thread may close the worker's fds
-        result = await asyncio.get_running_loop().run_in_executor(executor, step.wait)
+        loop = asyncio.get_running_loop()
+        if fields is not None:
+            await loop.run_in_executor(executor, step.on_result, fields)
+            result = step.result
+        else:
+            result = await loop.run_in_executor(executor, step.wait)
     else:
         result = step.result
         if not step.worker.alive:
             watch.stop()  # begin found the worker dead, and closed its fds
+    assert result is not None
     return backend.finish(step, result)
+
+
+def drains_on_loop(fields: tuple[int, int, int, int, int, int]) -> bool:
+    """Whether the output a reply says it left in the pipes may be read on the loop (the
+    counts come from the worker, whose code could forge them)."""
+    return fields[4] <= _LOOP_DRAIN_BYTES and fields[5] <= _LOOP_DRAIN_BYTES
 
 
 class WorkerWatch:
@@ -142,9 +154,9 @@ class WorkerWatch:
         self.wake(False)
 
 
-async def _result_waiting(step: StepRun, watch: WorkerWatch) -> bool:
-    """Wait for the worker on the loop; True if its socket then holds one result, False when
-    the step needs more than the loop does (its output to drain, its death, its deadline)."""
+async def _replied(step: StepRun, watch: WorkerWatch) -> bool:
+    """Wait for the worker on the loop; True once its socket is readable, False when the
+    step needs more than the loop does (its output to drain, its death, its deadline)."""
     loop = asyncio.get_running_loop()
     worker = step.worker
     woken = watch.wait(worker)
@@ -161,8 +173,7 @@ async def _result_waiting(step: StepRun, watch: WorkerWatch) -> bool:
     timers = [loop.call_later(QUIET_S, watch_output),
               loop.call_later(step.deadline - time.monotonic(), watch.wake, False)]
     try:
-        if not await woken:
-            return False
+        return await woken
     finally:
         # No await from here until the step reads its reply: no turn of the loop between.
         watch.end_wait()
@@ -170,25 +181,3 @@ async def _result_waiting(step: StepRun, watch: WorkerWatch) -> bool:
             timer.cancel()
         for fd in watched:
             loop.remove_reader(fd)
-    return _one_result(worker.sock)
-
-
-def _one_result(sock: socket.socket) -> bool:
-    """True if the socket holds exactly one (binary) result frame, with believable pipe
-    counts.
-
-    Anything more or else (a message the step's code wrote itself, a partial frame, the
-    end of the stream) makes the step's handler clean up after a broken worker, which may
-    wait for its exit status: that is the thread's job.
-    """
-    try:
-        data = sock.recv(_RESULT_FRAME_BYTES + 1, _PEEK)
-    except OSError:
-        return False
-    if len(data) != _RESULT_FRAME_BYTES or data[protocol.HEADER.size:][:1] != b"r":
-        return False
-    try:
-        (message,) = protocol.FrameReader().feed(data)
-    except (protocol.ProtocolError, ValueError):
-        return False
-    return bool(message["out"] <= _LOOP_DRAIN_BYTES and message["err"] <= _LOOP_DRAIN_BYTES)

@@ -13,6 +13,7 @@ import pytest
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
 from coding_gym.sandbox import protocol
+from coding_gym.sandbox.inbox import Inbox
 from coding_gym.server import stepping
 
 
@@ -98,31 +99,20 @@ def result_frame(out: int = 0, err: int = 0) -> bytes:
     return protocol.encode_result(0, None, 1000, 1000, out, err)
 
 
-@pytest.mark.parametrize("data, alone", [
+@pytest.mark.parametrize("data, on_loop", [
     (result_frame(), True),
     (result_frame(out=5, err=7), True),
-    (result_frame() + b"x", False),  # more than one frame: the step's code wrote to the socket
-    (result_frame()[:-1], False),  # not whole yet
-    (protocol.encode({"type": "result", "exit_code": 0}), False),
-    (protocol.encode({"type": "result", "out": "aaaa"}), False),  # JSON, of a result's size
-    (result_frame(out=1 << 30), False),  # an output count no pipe holds
-    (b"", False),
+    (result_frame(out=1 << 20), True),
+    (result_frame(out=(1 << 20) + 1), False),  # an output count no pipe holds: a thread
+    (result_frame(err=1 << 30), False),
 ])
-def test_only_a_lone_whole_result_is_read_on_the_loop(data, alone):
+def test_only_a_reply_with_believable_output_counts_is_finished_on_the_loop(data, on_loop):
     ours, theirs = socket.socketpair()
     with ours, theirs:
-        if data:
-            theirs.sendall(data)
-        assert stepping._one_result(ours) is alone
-        if data:
-            assert ours.recv(len(data) + 1) == data  # only peeked at
-
-
-def test_a_closed_socket_is_not_a_result():
-    ours, theirs = socket.socketpair()
-    theirs.close()
-    with ours:
-        assert not stepping._one_result(ours)
+        theirs.sendall(data)
+        fields = Inbox(ours).receive_result()
+        assert fields is not None
+        assert stepping.drains_on_loop(fields) is on_loop
 
 
 def test_the_watch_keeps_its_readers_from_one_quick_step_to_the_next(backend, executor):
