@@ -160,24 +160,26 @@ async def _replied(step: StepRun, watch: WorkerWatch) -> bool:
     loop = asyncio.get_running_loop()
     worker = step.worker
     woken = watch.wait(worker)
-    output = (worker.out_fd, worker.err_fd)
     watched: list[int] = []
 
-    def watch_output() -> None:
-        # As StepRun.wait does: a quick step's output is read once, after its reply.
-        for fd in output:
+    def after_quiet_window() -> None:
+        # As StepRun.wait does: a quick step's output is read once, after its reply. A
+        # step that outlasts the window is watched for output and for its deadline (one
+        # timer per quick step, not two).
+        for fd in (worker.out_fd, worker.err_fd):
             if fd >= 0:
                 loop.add_reader(fd, watch.wake, False)
                 watched.append(fd)
+        timer[0] = loop.call_at(loop.time() + step.deadline - time.monotonic(),
+                                watch.wake, False)
 
-    timers = [loop.call_later(QUIET_S, watch_output),
-              loop.call_later(step.deadline - time.monotonic(), watch.wake, False)]
+    timer = [loop.call_later(min(QUIET_S, step.deadline - time.monotonic()),
+                             after_quiet_window)]
     try:
         return await woken
     finally:
         # No await from here until the step reads its reply: no turn of the loop between.
         watch.end_wait()
-        for timer in timers:
-            timer.cancel()
+        timer[0].cancel()
         for fd in watched:
             loop.remove_reader(fd)
