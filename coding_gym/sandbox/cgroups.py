@@ -122,9 +122,6 @@ class Cgroup:
         self._pids = os.path.join(support.pids_dir, name)
         self._cpu = os.path.join(support.cpu_dir, name) if support.cpu_dir else ""
         self._dirs = sorted({self._memory, self._pids, self._cpu} - {""})
-        #: cpu cgroups of interpreters killed before (v1), removed once empty.
-        self._retired: list[str] = []
-        self._generation = 0
 
     @classmethod
     def create(cls, memory_bytes: int, pids_max: int) -> Cgroup | None:
@@ -218,7 +215,6 @@ class Cgroup:
             setting, _ = CPU_WEIGHT[self._support.version]
             self._write(self._cpu, setting, _NORMAL_WEIGHT[self._support.version],
                         optional=True)
-            self._next_cpu_group()
         if self._support.version == 2:
             try:
                 self._write(self._pids, "cgroup.kill", 1)
@@ -237,26 +233,6 @@ class Cgroup:
                     pass
             signalled.update(fresh)
 
-    def _next_cpu_group(self) -> None:
-        """On v1, give the episode's next interpreter a cpu cgroup of its own: in the one
-        being killed, it would share the weight with every dying process of the one before
-        it (a fork bomb's hundreds), and start as slowly as they die. The killed ones are
-        removed once empty. On v2 a process has one cgroup for every controller: there the
-        next interpreter joins the same one."""
-        if self._support.version != 1:
-            return
-        self._retired = [path for path in self._retired if not _removed(path)]
-        self._generation += 1
-        fresh = f"{self._cpu.rsplit('~', 1)[0]}~{self._generation}"
-        try:
-            os.mkdir(fresh)
-        except OSError as e:
-            logger.warning("no fresh cpu cgroup for the next interpreter: %s", e)
-            return
-        self._retired.append(self._cpu)
-        self._dirs = [fresh if path == self._cpu else path for path in self._dirs]
-        self._cpu = fresh
-
     def remove(self, timeout_s: float = 10.0) -> None:
         """Remove the cgroup once its last process has exited, killing stragglers again.
 
@@ -266,7 +242,7 @@ class Cgroup:
         """
         end = time.monotonic() + timeout_s
         pause = 0.0005
-        for path in self._retired + self._dirs:
+        for path in self._dirs:
             while True:
                 try:
                     os.rmdir(path)
@@ -284,15 +260,3 @@ class Cgroup:
                         pass
                 time.sleep(pause)
                 pause = min(pause * 2, 0.02)
-        self._retired = []
-
-
-def _removed(path: str) -> bool:
-    """Remove an empty cgroup directory; False while processes are still in it."""
-    try:
-        os.rmdir(path)
-    except FileNotFoundError:
-        pass
-    except OSError:
-        return False
-    return True
