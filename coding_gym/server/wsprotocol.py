@@ -100,7 +100,7 @@ class DirectFramesProtocol(WebSocketsSansIOProtocol):
         if start < size:
             self._direct = False
             super().data_received(data[start:])
-        if not self.read_paused and self.queue.qsize() >= READ_AHEAD:
+        if not self.read_paused and (self._consumer_full or self.queue.qsize() >= READ_AHEAD):
             self.read_paused = True
             self.transport.pause_reading()
 

@@ -15,7 +15,7 @@ import pytest
 from coding_gym.server.serving import BackgroundServer
 from coding_gym.server.wsprotocol import DirectFramesProtocol, split_frame
 from coding_gym.wsframes import TEXT, header
-from tests.servers import running_server
+from tests.servers import running_server, wait_for
 
 
 def client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True, masked: bool = True,
@@ -102,12 +102,17 @@ def client(server: BackgroundServer) -> Iterator[RawClient]:
     raw.sock.close()
 
 
-def reads_directly(server: BackgroundServer, client: RawClient) -> bool:
-    """Whether the server's side of ``client``'s connection still reads frames directly."""
+def protocol_of(server: BackgroundServer, client: RawClient) -> DirectFramesProtocol:
+    """The server's side of ``client``'s connection."""
     port = client.sock.getsockname()[1]
     (protocol,) = [c for c in server._server.server_state.connections
                    if isinstance(c, DirectFramesProtocol) and c.client[1] == port]
-    return protocol.direct
+    return protocol
+
+
+def reads_directly(server: BackgroundServer, client: RawClient) -> bool:
+    """Whether the server's side of ``client``'s connection still reads frames directly."""
+    return protocol_of(server, client).direct
 
 
 def test_frame_headers_take_the_three_length_forms():
@@ -149,6 +154,21 @@ def test_a_backlog_beyond_what_the_session_reads_ahead_is_answered_in_order(serv
     client.sock.sendall(message("state"))  # reading resumed
     assert client.reply()["type"] == "state"
     assert reads_directly(server, client)
+
+
+def test_reading_pauses_while_the_session_is_far_behind_and_resumes(server, client):
+    client.sock.sendall(message("reset"))
+    assert client.reply()["type"] == "observation"
+    # A hundred steps of 10 ms in one write: the session takes them faster than it runs them.
+    client.sock.sendall(b"".join(message("step", code=f"import time\ntime.sleep(0.01)\n"
+                                                      f"print({i})") for i in range(100)))
+    protocol = protocol_of(server, client)
+    wait_for(lambda: protocol.read_paused, timeout_s=5)
+    outputs = [client.reply()["data"]["observation"]["stdout"] for _ in range(100)]
+    assert outputs == [f"{i}\n" for i in range(100)]
+    assert not protocol.read_paused
+    client.sock.sendall(message("state"))
+    assert client.reply()["type"] == "state"
 
 
 def test_a_ping_between_messages_gets_its_pong_and_the_direct_path_goes_on(server, client):
