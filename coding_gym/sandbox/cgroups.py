@@ -173,9 +173,11 @@ class Cgroup:
         calls it once the worker is ready, before any of the episode's code runs: the
         worker's own start-up keeps the normal weight, or an interpreter replacing a
         killed one would wait behind every busy episode."""
+        self._set_cpu_weight(CPU_WEIGHT[self._support.version][1])
+
+    def _set_cpu_weight(self, weight: int) -> None:
         if self._cpu:
-            setting, weight = CPU_WEIGHT[self._support.version]
-            self._write(self._cpu, setting, weight, optional=True)
+            self._write(self._cpu, CPU_WEIGHT[self._support.version][0], weight, optional=True)
 
     def cpu_weight(self) -> int | None:
         """The episode's CPU weight (``cpu.shares`` or ``cpu.weight``); None without a cpu
@@ -211,10 +213,7 @@ class Cgroup:
         Dying processes get the normal CPU weight back, so that they exit and free their
         memory without waiting behind every other episode's code.
         """
-        if self._cpu:
-            setting, _ = CPU_WEIGHT[self._support.version]
-            self._write(self._cpu, setting, _NORMAL_WEIGHT[self._support.version],
-                        optional=True)
+        self._set_cpu_weight(_NORMAL_WEIGHT[self._support.version])
         if self._support.version == 2:
             try:
                 self._write(self._pids, "cgroup.kill", 1)

@@ -263,13 +263,13 @@ def hold_session_priority() -> None:
     read-only). For a process that will become a worker; a second call keeps the first."""
     global _autogroup
     if _autogroup is None:
+        _autogroup = -1  # no automatic grouping here: nice alone applies
         try:
             with open("/proc/sys/kernel/sched_autogroup_enabled", "rb") as f:
-                if f.read().strip() != b"1":
-                    raise OSError("the kernel does not group sessions")
-            _autogroup = os.open("/proc/self/autogroup", os.O_RDWR | os.O_CLOEXEC)
+                if f.read().strip() == b"1":
+                    _autogroup = os.open("/proc/self/autogroup", os.O_RDWR | os.O_CLOEXEC)
         except OSError:
-            _autogroup = -1  # no automatic grouping here: nice alone applies
+            pass
 
 
 def _lower_session_priority(lower: bool) -> str:
@@ -281,9 +281,9 @@ def _lower_session_priority(lower: bool) -> str:
     values only within one, so every worker, in a session of its own, would weigh as much as
     the parent and the zygote together, whatever its nice: the fork bombs and endless loops
     of a few episodes would starve the process that replaces their interpreters. Copies of
-    the worker stay in its session (and group). A process in a CPU cgroup other than the
-    root one is in no automatic group (the file reads empty): there the cgroup decides and
-    nothing is written.
+    the worker stay in its session (and group). A process still in the kernel's default
+    group (that of init's session, which has no group of its own) reads the file empty:
+    nothing is written there.
     """
     global _autogroup
     fd, _autogroup = _autogroup, None

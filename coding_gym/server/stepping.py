@@ -161,25 +161,25 @@ async def _replied(step: StepRun, watch: WorkerWatch) -> bool:
     worker = step.worker
     woken = watch.wait(worker)
     watched: list[int] = []
+    timer: asyncio.TimerHandle
 
     def after_quiet_window() -> None:
         # As StepRun.wait does: a quick step's output is read once, after its reply. A
         # step that outlasts the window is watched for output and for its deadline (one
         # timer per quick step, not two).
+        nonlocal timer
         for fd in (worker.out_fd, worker.err_fd):
             if fd >= 0:
                 loop.add_reader(fd, watch.wake, False)
                 watched.append(fd)
-        timer[0] = loop.call_at(loop.time() + step.deadline - time.monotonic(),
-                                watch.wake, False)
+        timer = loop.call_later(step.deadline - time.monotonic(), watch.wake, False)
 
-    timer = [loop.call_later(min(QUIET_S, step.deadline - time.monotonic()),
-                             after_quiet_window)]
+    timer = loop.call_later(min(QUIET_S, step.deadline - time.monotonic()), after_quiet_window)
     try:
         return await woken
     finally:
         # No await from here until the step reads its reply: no turn of the loop between.
         watch.end_wait()
-        timer[0].cancel()
+        timer.cancel()
         for fd in watched:
             loop.remove_reader(fd)
