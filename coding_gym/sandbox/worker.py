@@ -104,7 +104,7 @@ class Worker(Copies):
         self.cell = 0
         self.timeout_s = 0.0
         self._in_step = False
-        self._on_timer_handler = self._on_timer  # one bound method, installed every step
+        self._on_timer_handler = self._on_timer  # one bound method: see _keep_timer_handlers
         self._builtins = dict(builtins.__dict__)
         self._compiled: collections.OrderedDict[str, types.CodeType] = collections.OrderedDict()
         self._fflush: Any = None
@@ -119,6 +119,7 @@ class Worker(Copies):
 
     def serve(self) -> None:
         """Answer requests until the parent closes the socket."""
+        self._keep_timer_handlers()
         self._send_ready()
         while True:
             request, fds = self.channel.recv()
@@ -185,12 +186,12 @@ class Worker(Copies):
         _dup2(self._fd_out, 1)
         _dup2(self._fd_err, 2)
         sys.stdout, sys.stderr, sys.stdin = self.stdout, self.stderr, sys.__stdin__
-        self._keep_timer_handlers()
 
     def _keep_timer_handlers(self) -> None:
-        """Install the timers' handler where the code replaced it (only there: a system call
-        each). At the end of a step too: the timers stay armed between steps, and either
-        signal's default action would end the interpreter."""
+        """Install the timers' handler where it is missing (only there: a system call each):
+        once before the first step, then after every step, whose code may have replaced it.
+        It must be back before the step's timers, which stay armed between steps, fire: the
+        default action of either signal ends the interpreter."""
         handler = self._on_timer_handler
         if _get_handler(_SIGALRM) is not handler:
             _set_handler(_SIGALRM, handler)
