@@ -1,11 +1,15 @@
-"""Real servers for tests: the app served by uvicorn on a free loopback port."""
+"""Real servers for tests: the app served by uvicorn on a free loopback port, and a bare
+websockets server."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from websockets.sync.server import ServerConnection, serve
 
 from coding_gym.models import Limits
 from coding_gym.server import create_app
@@ -48,3 +52,17 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@contextmanager
+def websockets_server(handler: Callable[[ServerConnection], None], **options: Any
+                      ) -> Iterator[int]:
+    """A websockets server on 127.0.0.1 running ``handler`` per connection; its port."""
+    with serve(handler, "127.0.0.1", 0, **options) as ws_server:
+        thread = threading.Thread(target=ws_server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield ws_server.socket.getsockname()[1]
+        finally:
+            ws_server.shutdown()
+            thread.join(10)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import gymnasium as gym
 import pytest
 from gymnasium.utils.env_checker import check_env
-from websockets.sync.server import ServerConnection, serve
+from websockets.sync.server import ServerConnection
 
 import coding_gym  # noqa: F401  (registers CodingEnv-v0)
 from coding_gym.backends.remote import RemoteBackend, websocket_url
@@ -18,7 +18,7 @@ from coding_gym.errors import BackendError, ServerError
 from coding_gym.models import Limits
 from coding_gym.server import create_app
 from coding_gym.server.serving import BackgroundServer, bind
-from tests.servers import running_server, sessions_of, wait_for
+from tests.servers import running_server, sessions_of, wait_for, websockets_server
 
 
 @pytest.fixture(scope="module")
@@ -260,14 +260,8 @@ def answering(reply: str) -> Iterator[str]:
         for _ in ws:
             ws.send(reply)
 
-    with serve(answer, "127.0.0.1", 0) as ws_server:
-        thread = threading.Thread(target=ws_server.serve_forever, daemon=True)
-        thread.start()
-        try:
-            yield f"http://127.0.0.1:{ws_server.socket.getsockname()[1]}"
-        finally:
-            ws_server.shutdown()
-            thread.join(10)
+    with websockets_server(answer) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.parametrize(("reply", "words"), [

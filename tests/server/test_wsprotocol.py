@@ -16,24 +16,7 @@ from coding_gym.server.serving import BackgroundServer
 from coding_gym.server.wsprotocol import DirectFramesProtocol, split_frame
 from coding_gym.wsframes import TEXT, header
 from tests.servers import running_server, wait_for
-
-
-def client_frame(payload: bytes, opcode: int = 0x1, fin: bool = True, masked: bool = True,
-                 rsv: int = 0) -> bytes:
-    """A frame as a client sends it: masked with a random key."""
-    first = (0x80 if fin else 0) | rsv | opcode
-    length = len(payload)
-    mask_bit = 0x80 if masked else 0
-    if length < 126:
-        header = struct.pack("!BB", first, mask_bit | length)
-    elif length < 1 << 16:
-        header = struct.pack("!BBH", first, mask_bit | 126, length)
-    else:
-        header = struct.pack("!BBQ", first, mask_bit | 127, length)
-    if not masked:
-        return header + payload
-    key = os.urandom(4)
-    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+from tests.wsbytes import client_frame
 
 
 def message(kind: str, **data: object) -> bytes:
