@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import json
+import select
 import socket
 import struct
 from collections.abc import Sequence
@@ -183,6 +184,12 @@ class Channel:
         self.sock = sock
         self._buffer = bytearray()
         self._fds: list[int] = []
+        # Waiting is done in poll, not in a blocking recvmsg: when the parent reads a reply,
+        # the kernel wakes whatever sleeps on the sender's socket to say there is room to
+        # write again. A process blocked in recvmsg is woken by that for nothing (a context
+        # switch, and an interrupt to another CPU, every step); one in poll for POLLIN is not.
+        self._readable = select.poll()
+        self._readable.register(sock, select.POLLIN)
 
     def recv(self) -> tuple[dict[str, Any] | None, list[int]]:
         """The next message and the fds that came with it; (None, []) when the peer is gone."""
@@ -196,6 +203,7 @@ class Channel:
                     del buffer[:end]
                     fds, self._fds = self._fds, []
                     return (message if isinstance(message, dict) else {}), fds
+            self._readable.poll()
             data, ancillary, _, _ = self.sock.recvmsg(self._RECV_BYTES, self._FD_SPACE)
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

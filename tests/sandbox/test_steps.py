@@ -29,3 +29,24 @@ def test_output_left_by_a_background_process_arrives_later(backends):
     backend.run("import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 0.2; echo late'])")
     time.sleep(0.5)
     assert backend.run("pass").stdout == "late\n"
+
+
+def _sleeps(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc/PID/status")
+
+
+def test_the_worker_sleeps_once_per_step(backends):
+    # Waiting for a request must not be woken when the parent reads the last reply (a
+    # blocking recvmsg is: the kernel tells the sender's socket there is room to write).
+    backend = backends[0]
+    backend.run("pass")
+    pid = backend.worker_pid
+    assert pid is not None
+    before = _sleeps(pid)
+    for _ in range(300):
+        backend.run("x = 1")
+    assert _sleeps(pid) - before < 1.5 * 300
