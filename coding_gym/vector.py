@@ -11,7 +11,7 @@ wait for the zygote. Backends other than the local one are stepped through the s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,6 +26,10 @@ from coding_gym.errors import BackendError
 from coding_gym.models import ExecResult
 from coding_gym.sandbox.fanout import StepLoop
 from coding_gym.sandbox.steps import StepRun
+
+#: ``finish(k, result, infra error)``: the k-th step of a batch has ended.
+Finish = Callable[[int, ExecResult, "str | None"], None]
+StepTuple = tuple[Observation, float, bool, bool, dict[str, Any]]
 
 
 class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
@@ -156,17 +160,21 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         codes = [envs[i]._check_action(actions[i]) for i in stepping]
         for i in stepping:
             envs[i]._start_step()
-        outcomes = self._run(stepping, codes)
+        steps: list[StepTuple] = [None] * len(stepping)  # type: ignore[list-item]  # set below
+
+        def finish(k: int, result: ExecResult, infra_error: str | None) -> None:
+            # Called as each env's code ends: this work overlaps the code still running.
+            steps[k] = envs[stepping[k]]._finish_step(codes[k], result, infra_error)
+
+        self._run(stepping, codes, finish)
         entries: list[tuple[int, dict[str, Any]]] = []
         ended: list[int] = []
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         limit = self.max_episode_steps
         env_obs, rewards = self._env_obs, self._rewards
         terminations, truncations = self._terminations, self._truncations
-        for i, code, (result, infra_error) in zip(stepping, codes, outcomes, strict=True):
-            env = envs[i]
-            obs, reward, terminated, truncated, info = env._finish_step(code, result, infra_error)
-            if limit is not None and env.step_count >= limit:
+        for i, (obs, reward, terminated, truncated, info) in zip(stepping, steps, strict=True):
+            if limit is not None and envs[i].step_count >= limit:
                 truncated = True
             env_obs[i] = obs
             rewards[i] = reward
@@ -256,13 +264,15 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             raise ValueError("options['reset_mask'] must select at least one sub-env")
         return mask
 
-    def _run(self, indices: list[int], codes: list[str]
-             ) -> list[tuple[ExecResult, str | None]]:
-        """Run ``codes[k]`` in sub-env ``indices[k]``; (result, infra error) for each."""
+    def _run(self, indices: list[int], codes: list[str], finish: Finish) -> None:
+        """Run ``codes[k]`` in sub-env ``indices[k]``; ``finish(k, result, infra error)`` as
+        each one ends."""
         backends = [self.envs[i].backend for i in indices]
         if all(isinstance(backend, LocalBackend) for backend in backends):
-            return _run_local(backends, codes, self._loop)  # type: ignore[arg-type]
-        return list(self._threads().map(_run_one, backends, codes))
+            _run_local(backends, codes, self._loop, finish)  # type: ignore[arg-type]
+            return
+        for k, (result, infra_error) in enumerate(self._threads().map(_run_one, backends, codes)):
+            finish(k, result, infra_error)
 
     def _reset_envs(self, indices: list[int], seeds: Sequence[int | None] | None,
                     options: dict[str, Any] | None) -> list[tuple[Observation, dict[str, Any]]]:
@@ -287,21 +297,25 @@ def _run_one(backend: Any, code: str) -> tuple[ExecResult, str | None]:
         return backend_failure(e), str(e)
 
 
-def _run_local(backends: list[LocalBackend], codes: list[str], loop: StepLoop
-               ) -> list[tuple[ExecResult, str | None]]:
-    """One ``epoll`` loop over every worker (see :class:`coding_gym.sandbox.fanout.StepLoop`)."""
-    outcomes: list[tuple[ExecResult, str | None] | None] = [None] * len(backends)
+def _run_local(backends: list[LocalBackend], codes: list[str], loop: StepLoop,
+               finish: Finish) -> None:
+    """One ``epoll`` loop over every worker (see :class:`coding_gym.sandbox.fanout.StepLoop`);
+    each step is finished as soon as its result is in."""
     started: list[tuple[int, StepRun]] = []
     for k, (backend, code) in enumerate(zip(backends, codes, strict=True)):
         try:
             started.append((k, backend.begin(code)))
         except BackendError as e:
-            outcomes[k] = (backend_failure(e), str(e))
-    results = loop.run([step for _, step in started])
-    for (k, step), result in zip(started, results, strict=True):
-        try:
-            outcomes[k] = (backends[k].finish(step, result), None)
-        except BackendError as e:
-            outcomes[k] = (backend_failure(e), str(e))
-    return [outcome for outcome in outcomes if outcome is not None]
+            finish(k, backend_failure(e), str(e))
 
+    def done(position: int) -> None:
+        k, step = started[position]
+        assert step.result is not None
+        try:
+            result = backends[k].finish(step, step.result)
+        except BackendError as e:
+            finish(k, backend_failure(e), str(e))
+            return
+        finish(k, result, None)
+
+    loop.run([step for _, step in started], done)

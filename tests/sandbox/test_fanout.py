@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from coding_gym.sandbox.fanout import StepLoop, run_many
 
 
@@ -55,5 +57,31 @@ def test_a_worker_that_writes_after_its_reply_does_not_stall_the_others(backends
                             for b in backends])
         assert time.monotonic() - start < 0.5
         assert [r.stdout.strip(".") for r in results] == ["1\n"] * 3
+    finally:
+        loop.close()
+
+
+def test_done_is_called_for_each_step_as_it_ends_and_its_error_waits_for_the_rest(backends):
+    loop = StepLoop()
+    try:
+        order: list[int] = []
+
+        def note(position: int) -> None:
+            order.append(position)
+
+        loop.run([backends[0].begin("import time; time.sleep(0.4)"),
+                  backends[1].begin("print(1)"),
+                  backends[2].begin("import time; time.sleep(0.2)")], note)
+        assert order == [1, 2, 0]
+
+        def fail(position: int) -> None:
+            raise ValueError(f"step {position}")
+
+        with pytest.raises(ValueError, match="step 0"):
+            loop.run([backends[0].begin("print(2)"),
+                      backends[1].begin("import time; time.sleep(0.2); print(3)")], fail)
+        # Every reply was read before the error came out: the next batch starts clean.
+        results = loop.run([b.begin("print('next')") for b in backends])
+        assert [r.stdout for r in results] == ["next\n"] * 3
     finally:
         loop.close()
