@@ -161,6 +161,28 @@ class Cgroup:
             with open(os.path.join(path, "cgroup.procs"), "w") as f:
                 f.write(str(pid))
 
+    def joining_fds(self) -> list[int]:
+        """The ``tasks`` file of each of the cgroup's directories, open for writing, for a
+        worker to join it itself (cgroup v1 only; [] elsewhere, or if one cannot be opened).
+
+        A process that writes "0" there moves its own thread without the kernel's global
+        lock against forks (``cgroup_threadgroup_rwsem``), which a parent moving a pid into
+        ``cgroup.procs`` takes for writing: then every fork on the machine waits for the move,
+        and the move for every fork in flight. Under a soak's load (fork bombs, interpreters
+        replaced by the dozen each second) the zygote's forks waited seconds for it.
+        """
+        if self._support.version != 1:
+            return []
+        fds: list[int] = []
+        try:
+            for path in self._dirs:
+                fds.append(os.open(os.path.join(path, "tasks"), os.O_WRONLY | os.O_CLOEXEC))
+        except OSError:
+            for fd in fds:
+                os.close(fd)
+            return []
+        return fds
+
     def pids(self) -> list[int]:
         try:
             with open(os.path.join(self._pids, "cgroup.procs")) as f:

@@ -56,6 +56,8 @@ class WorkerProcess:
         self._oom_base = 0
         self._unparked: list[tuple[FrozenCopy, Cgroup | None]] = []
         self._copy_pids: set[int] = set()
+        #: The worker was given its cgroup's files to join it by itself (at start-up).
+        self._joins_itself = False
         self._pollers: tuple[select.poll, select.poll] | None = None
         self.alive = True
         #: Isolation layer -> {"active", "detail"}, as the worker reported it when ready.
@@ -110,10 +112,11 @@ class WorkerProcess:
                    cgroup: Cgroup | None) -> WorkerProcess:
         channels = Channels()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        joining = cgroup.joining_fds() if cgroup is not None else []
         try:
             zygote.fork_worker(
                 {"config": config, "workdir": config["workdir"], "environment": environment},
-                [*channels.child_fds(), theirs.fileno()],
+                [*channels.child_fds(), theirs.fileno(), *joining],
             )
         except ZygoteError:
             ours.close()
@@ -122,8 +125,10 @@ class WorkerProcess:
         finally:
             theirs.close()
             channels.close_child_ends()
+            _close(joining)
         exit_watch = ReportedExit(ours)
         worker = cls(channels, exit_watch, cgroup, zygote)
+        worker._joins_itself = bool(joining)
         pid = exit_watch.forked(START_TIMEOUT_S)
         if pid is None:
             worker._start_failed("the zygote", Capture(0), exit_watch.error or None)
@@ -196,10 +201,15 @@ class WorkerProcess:
             self.pidfd = open_pidfd(pid)
         if self.cgroup is not None:
             self._oom_base = self.cgroup.oom_kills()
-            try:
-                self.cgroup.add(pid)
-            except OSError as e:
-                logger.warning("could not move the worker into its cgroup: %s", e)
+            if not self._joins_itself:
+                self._join(pid)
+
+    def _join(self, pid: int) -> None:
+        assert self.cgroup is not None
+        try:
+            self.cgroup.add(pid)
+        except OSError as e:
+            logger.warning("could not move the worker into its cgroup: %s", e)
 
     def _await_ready(self, expected_pid: int | None = None,
                      origin: str = "the sandbox worker") -> None:
@@ -230,7 +240,9 @@ class WorkerProcess:
                             if self.pid != sender:
                                 self._became(sender)
                             if self.cgroup is not None:
-                                self.cgroup.lower_cpu_weight()  # no episode code ran yet
+                                if self._joins_itself and message.get("joined_cgroup") is not True:
+                                    self._join(sender)  # no episode code ran yet
+                                self.cgroup.lower_cpu_weight()
                             report = message.get("isolation")
                             self.isolation = report if isinstance(report, dict) else {}
                             return

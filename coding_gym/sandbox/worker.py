@@ -94,6 +94,7 @@ class Worker(Copies):
                  ) -> None:
         self.channel = Channel(sock)
         self.isolation_report = dict(isolation_report or {})
+        self.joined_cgroup = False
         # The episode's namespace is a real __main__ module, so pickle and multiprocessing
         # find the classes and functions the agent defines.
         main_module = types.ModuleType("__main__")
@@ -165,7 +166,8 @@ class Worker(Copies):
 
     def _send_ready(self) -> None:
         self.channel.send({"type": "ready", "pid": os.getpid(),
-                           "isolation": self.isolation_report})
+                           "isolation": self.isolation_report,
+                           "joined_cgroup": self.joined_cgroup})
 
     def _run_request(self, request: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -363,15 +365,17 @@ def warm_up() -> None:
 
 
 def start(sock: socket.socket, config: Mapping[str, Any], *, warm: bool = False,
-          walls: Walls | None = None) -> None:
+          walls: Walls | None = None, joined_cgroup: bool = False) -> None:
     """Isolate this process, then serve: the common path after spawn and after fork.
 
     ``config`` comes from :func:`coding_gym.sandbox.isolation.worker_config`; ``warm``: this
     process ran :func:`warm_up` itself already (a zygote's spare child, ahead of the request;
     a warm-up inherited from the zygote would leave the first step the copy-on-write faults);
-    ``walls``: the namespaces it built ahead, the same way.
+    ``walls``: the namespaces it built ahead, the same way; ``joined_cgroup``: it moved
+    itself into its cgroup (the ready message tells the parent, which moves it otherwise).
     """
     worker = Worker(sock)
+    worker.joined_cgroup = joined_cgroup
     _batch_scheduling()
     if not warm:
         warm_up()

@@ -133,7 +133,7 @@ class _Loop:
             walls_kind = walls.kind_of(request["config"]) if command == "fork" else None
         except (ValueError, KeyError, TypeError, AttributeError):
             command = None
-        if command == "fork" and walls_kind is not None and len(fds) == 4:
+        if command == "fork" and walls_kind is not None and 4 <= len(fds) <= 4 + 3:
             self._hand_over(data, fds, walls_kind)
         elif command == "watch" and len(fds) == 1:
             self._watch(int(request["pid"]), socket.socket(fileno=fds[0]))
@@ -162,8 +162,12 @@ class _Loop:
         self.spares[kind] = _Spare(pid, ours)
 
     def _hand_over(self, data: bytes, fds: list[int], kind: tuple[bool, bool]) -> None:
-        """Give a fork request to the spare of its kind, then make the next spare."""
-        *worker_fds, status = fds
+        """Give a fork request to the spare of its kind, then make the next spare.
+
+        ``fds``: the worker's control socket, stdout and stderr, the status socket, then
+        the cgroup files the worker joins by itself (``Cgroup.joining_fds``), if any."""
+        status = fds[3]
+        worker_fds = [*fds[:3], *fds[4:]]
         status_sock = socket.socket(fileno=status)
         if kind not in self.spares:
             self._fork_spare(kind)
@@ -214,9 +218,9 @@ class _Loop:
                 _warm_up()
             data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, _MAX_FDS)
             sock.close()
-            if data and len(fds) == 3:
-                control, out, err = fds
-                _become_worker(json.loads(data), control, out, err, warm, built)
+            if data and len(fds) >= 3:
+                control, out, err, *joining = fds
+                _become_worker(json.loads(data), control, out, err, warm, built, joining)
             code = 0
         except BaseException:  # noqa: BLE001 - the parent reads it from the stderr pipe
             try:
@@ -283,8 +287,17 @@ class _Loop:
 
 
 def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
-                   warm: bool, built: walls.Walls) -> None:
+                   warm: bool, built: walls.Walls, joining: list[int]) -> None:
     """In a child of the zygote: take the episode's place, then serve it."""
+    # Into the episode's cgroup first, by this process itself (see Cgroup.joining_fds); the
+    # ready message says so, or the parent moves it.
+    joined = bool(joining)
+    for fd in joining:
+        try:
+            os.write(fd, b"0")
+        except OSError:
+            joined = False
+        os.close(fd)
     _set_process_name(os.path.basename(sys.executable))
     os.dup2(out, 1)
     os.dup2(err, 2)
@@ -294,7 +307,8 @@ def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
     os.chdir(request["workdir"])
     os.environ.clear()
     os.environ.update(request["environment"])
-    worker.start(socket.socket(fileno=control), request["config"], warm=warm, walls=built)
+    worker.start(socket.socket(fileno=control), request["config"], warm=warm, walls=built,
+                 joined_cgroup=joined)
 
 
 class _Spare(NamedTuple):

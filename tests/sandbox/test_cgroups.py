@@ -72,3 +72,41 @@ def test_an_episode_being_killed_gets_the_normal_cpu_weight_back():
     finally:
         group.remove()
     assert group.cpu_weight() is None  # removed
+
+
+def _in_all_its_cgroups(backend: LocalBackend) -> bool:
+    worker = int(backend.run("import os; print(os.getpid())").stdout)
+    group = _group_of(worker, "pids")
+    dirs = [support.pids_dir, support.memory_dir, *([support.cpu_dir] if support.cpu_dir else [])]
+    return all(worker in _members(directory, group) for directory in dirs)
+
+
+@pytest.mark.skipif(support.version != 1, reason="a worker joins by itself on cgroup v1 only")
+def test_a_worker_from_the_zygote_joins_its_cgroups_by_itself(monkeypatch):
+    # Moving a pid into cgroup.procs stalls every fork on the machine; writing "0" to the
+    # tasks file from inside does not (Cgroup.joining_fds).
+    moved: list[int] = []
+    add = cgroups.Cgroup.add
+    monkeypatch.setattr(cgroups.Cgroup, "add", lambda self, pid: (moved.append(pid),
+                                                                    add(self, pid)))
+    with LocalBackend() as backend:
+        backend.reset()
+        assert _in_all_its_cgroups(backend)
+        backend.run("import os; os._exit(1)")  # its successor joins the same way
+        assert _in_all_its_cgroups(backend)
+    assert moved == []
+
+
+@pytest.mark.skipif(support.version != 1, reason="a worker joins by itself on cgroup v1 only")
+def test_a_worker_that_cannot_join_by_itself_is_moved_by_the_parent(monkeypatch):
+    moved: list[int] = []
+    add = cgroups.Cgroup.add
+    monkeypatch.setattr(cgroups.Cgroup, "add", lambda self, pid: (moved.append(pid),
+                                                                    add(self, pid)))
+    # Files it cannot write to: the worker says it did not join.
+    monkeypatch.setattr(cgroups.Cgroup, "joining_fds",
+                        lambda self: [os.open(os.devnull, os.O_RDONLY) for _ in range(3)])
+    with LocalBackend() as backend:
+        backend.reset()
+        assert _in_all_its_cgroups(backend)
+        assert len(moved) == 1
