@@ -291,12 +291,14 @@ def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
     """In a child of the zygote: take the episode's place, then serve it."""
     # Into the episode's cgroup first, by this process itself (see Cgroup.joining_fds); the
     # ready message says so, or the parent moves it.
-    joined = bool(joining)
+    # "0" moves the calling thread alone: only a process of one thread joins that way.
+    joined = bool(joining) and _threads() == 1
     for fd in joining:
-        try:
-            os.write(fd, b"0")
-        except OSError:
-            joined = False
+        if joined:
+            try:
+                os.write(fd, b"0")
+            except OSError:
+                joined = False
         os.close(fd)
     _set_process_name(os.path.basename(sys.executable))
     os.dup2(out, 1)
@@ -309,6 +311,16 @@ def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
     os.environ.update(request["environment"])
     worker.start(socket.socket(fileno=control), request["config"], warm=warm, walls=built,
                  joined_cgroup=joined)
+
+
+def _threads() -> int:
+    """The number of threads of this process (0 if it cannot be read)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rfind(b")") + 2:].split()[17])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class _Spare(NamedTuple):
