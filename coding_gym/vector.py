@@ -302,11 +302,12 @@ def _run_local(backends: list[LocalBackend], codes: list[str], loop: StepLoop,
     """One ``epoll`` loop over every worker (see :class:`coding_gym.sandbox.fanout.StepLoop`);
     each step is finished as soon as its result is in."""
     started: list[tuple[int, StepRun]] = []
+    unstarted: list[tuple[int, BackendError]] = []
     for k, (backend, code) in enumerate(zip(backends, codes, strict=True)):
         try:
             started.append((k, backend.begin(code)))
         except BackendError as e:
-            finish(k, backend_failure(e), str(e))
+            unstarted.append((k, e))
 
     def done(position: int) -> None:
         k, step = started[position]
@@ -319,3 +320,6 @@ def _run_local(backends: list[LocalBackend], codes: list[str], loop: StepLoop,
         finish(k, result, None)
 
     loop.run([step for _, step in started], done)
+    # Finished once the others' replies are read: an error of finish must not leave any unread.
+    for k, error in unstarted:
+        finish(k, backend_failure(error), str(error))

@@ -50,11 +50,25 @@ class StepLoop:
         An exception from it is raised once every step has its result, so that no worker
         is left with a reply unread.
         """
-        if done is not None:
-            return self._run_calling(runs, done)
+        if done is None:
+            return [runs[0].wait()] if len(runs) == 1 else self._drive(runs, None)
+        failures: list[BaseException] = []
+
+        def guarded(position: int) -> None:
+            if not failures:
+                try:
+                    done(position)
+                except BaseException as e:  # noqa: BLE001 - raised below, once all replied
+                    failures.append(e)
+
         if len(runs) == 1:
-            return [runs[0].wait()]
-        return self._drive(runs, None)
+            results = [runs[0].wait()]
+            guarded(0)
+        else:
+            results = self._drive(runs, guarded)
+        if failures:
+            raise failures[0]
+        return results
 
     def _drive(self, runs: Sequence[StepRun],
                done: Callable[[int], None] | None) -> list[ExecResult]:
@@ -103,27 +117,6 @@ class StepLoop:
                     if done is not None:
                         done(position)
         return [run.result for run in runs]  # type: ignore[misc]  # none is pending: all have one
-
-    def _run_calling(self, runs: Sequence[StepRun],
-                     done: Callable[[int], None]) -> list[ExecResult]:
-        """:meth:`run` with ``done``: its first exception waits for the last result."""
-        failures: list[BaseException] = []
-
-        def guarded(position: int) -> None:
-            if not failures:
-                try:
-                    done(position)
-                except BaseException as e:  # noqa: BLE001 - raised below, once all replied
-                    failures.append(e)
-
-        if len(runs) == 1:
-            results = [runs[0].wait()]
-            guarded(0)
-        else:
-            results = self._drive(runs, guarded)
-        if failures:
-            raise failures[0]
-        return results
 
     def _watch(self, workers: tuple[WorkerProcess, ...]) -> None:
         """A new set for these workers: their sockets and exit watches."""
