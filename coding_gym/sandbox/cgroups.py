@@ -156,10 +156,14 @@ class Cgroup:
                 raise
 
     def add(self, pid: int) -> None:
-        """Move ``pid`` into the cgroup (before it runs any untrusted code)."""
-        for path in self._dirs:
-            with open(os.path.join(path, "cgroup.procs"), "w") as f:
-                f.write(str(pid))
+        """Move ``pid`` into the cgroup (before it runs any untrusted code); a failure is
+        logged, as the worker can run without it."""
+        try:
+            for path in self._dirs:
+                with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                    f.write(str(pid))
+        except OSError as e:
+            logger.warning("could not move the worker into its cgroup: %s", e)
 
     def joining_fds(self) -> list[int]:
         """The ``tasks`` file of each of the cgroup's directories, open for writing, for a

@@ -202,14 +202,7 @@ class WorkerProcess:
         if self.cgroup is not None:
             self._oom_base = self.cgroup.oom_kills()
             if not self._joins_itself:
-                self._join(pid)
-
-    def _join(self, pid: int) -> None:
-        assert self.cgroup is not None
-        try:
-            self.cgroup.add(pid)
-        except OSError as e:
-            logger.warning("could not move the worker into its cgroup: %s", e)
+                self.cgroup.add(pid)
 
     def _await_ready(self, expected_pid: int | None = None,
                      origin: str = "the sandbox worker") -> None:
@@ -241,7 +234,7 @@ class WorkerProcess:
                                 self._became(sender)
                             if self.cgroup is not None:
                                 if self._joins_itself and message.get("joined_cgroup") is not True:
-                                    self._join(sender)  # no episode code ran yet
+                                    self.cgroup.add(sender)  # no episode code ran yet
                                 self.cgroup.lower_cpu_weight()
                             report = message.get("isolation")
                             self.isolation = report if isinstance(report, dict) else {}

@@ -133,7 +133,7 @@ class _Loop:
             walls_kind = walls.kind_of(request["config"]) if command == "fork" else None
         except (ValueError, KeyError, TypeError, AttributeError):
             command = None
-        if command == "fork" and walls_kind is not None and 4 <= len(fds) <= 4 + 3:
+        if command == "fork" and walls_kind is not None and len(fds) >= 4:
             self._hand_over(data, fds, walls_kind)
         elif command == "watch" and len(fds) == 1:
             self._watch(int(request["pid"]), socket.socket(fileno=fds[0]))
