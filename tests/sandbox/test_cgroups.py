@@ -81,14 +81,20 @@ def _in_all_its_cgroups(backend: LocalBackend) -> bool:
     return all(worker in _members(directory, group) for directory in dirs)
 
 
+@pytest.fixture
+def moved(monkeypatch) -> list[int]:
+    """The pids the parent moves into a cgroup (``Cgroup.add``), which still moves them."""
+    pids: list[int] = []
+    add = cgroups.Cgroup.add
+    monkeypatch.setattr(cgroups.Cgroup, "add", lambda self, pid: (pids.append(pid),
+                                                                    add(self, pid)))
+    return pids
+
+
 @pytest.mark.skipif(support.version != 1, reason="a worker joins by itself on cgroup v1 only")
-def test_a_worker_from_the_zygote_joins_its_cgroups_by_itself(monkeypatch):
+def test_a_worker_from_the_zygote_joins_its_cgroups_by_itself(moved):
     # Moving a pid into cgroup.procs stalls every fork on the machine; writing "0" to the
     # tasks file from inside does not (Cgroup.joining_fds).
-    moved: list[int] = []
-    add = cgroups.Cgroup.add
-    monkeypatch.setattr(cgroups.Cgroup, "add", lambda self, pid: (moved.append(pid),
-                                                                    add(self, pid)))
     with LocalBackend() as backend:
         backend.reset()
         assert _in_all_its_cgroups(backend)
@@ -98,11 +104,7 @@ def test_a_worker_from_the_zygote_joins_its_cgroups_by_itself(monkeypatch):
 
 
 @pytest.mark.skipif(support.version != 1, reason="a worker joins by itself on cgroup v1 only")
-def test_a_worker_that_cannot_join_by_itself_is_moved_by_the_parent(monkeypatch):
-    moved: list[int] = []
-    add = cgroups.Cgroup.add
-    monkeypatch.setattr(cgroups.Cgroup, "add", lambda self, pid: (moved.append(pid),
-                                                                    add(self, pid)))
+def test_a_worker_that_cannot_join_by_itself_is_moved_by_the_parent(moved, monkeypatch):
     # Files it cannot write to: the worker says it did not join.
     monkeypatch.setattr(cgroups.Cgroup, "joining_fds",
                         lambda self: [os.open(os.devnull, os.O_RDONLY) for _ in range(3)])
