@@ -19,7 +19,6 @@ once, before forking. Standard library only (the worker imports this module).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -88,12 +87,29 @@ _library: ctypes.CDLL | None = None
 _programs: dict[tuple[bool, tuple[int, ...]], bytes] = {}
 
 
+def _load_libseccomp() -> ctypes.CDLL:
+    """The library by its usual soname, else wherever ``find_library`` finds it.
+
+    ``ctypes.util`` only when needed: it imports ``subprocess``, hence ``threading`` and
+    ``random``, whose handlers run after every fork of the zygote (~0.8 ms of a new worker's
+    CPU, most of it copy-on-write faults).
+    """
+    try:
+        return ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        from ctypes.util import find_library
+
+        name = find_library("seccomp")
+        if name is None:
+            raise
+        return ctypes.CDLL(name, use_errno=True)
+
+
 def _libseccomp() -> ctypes.CDLL:
     global _library
     if _library is None:
-        name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
         try:
-            lib = ctypes.CDLL(name, use_errno=True)
+            lib = _load_libseccomp()
         except OSError as e:
             raise SeccompUnavailable(
                 f"libseccomp is not installed ({e}); on Debian/Ubuntu: apt-get install libseccomp2"
@@ -110,10 +126,25 @@ def _libseccomp() -> ctypes.CDLL:
     return _library
 
 
+_ancestors: dict[int, tuple[int, ...]] = {}
+
+
 def protected_pids() -> tuple[int, ...]:
-    """The worker's ancestors (parent first, init excluded): pids it must never signal."""
+    """The worker's ancestors (parent first, init excluded): pids it must never signal.
+
+    Read from /proc once per parent pid, not at every reset: a chain changes only when one of
+    its processes exits, and a new parent is a new key. (A grandparent's exit leaves the
+    cached chain naming it, and missing the subreaper that adopted our parent.)
+    """
+    parent = os.getppid()
+    known = _ancestors.get(parent)
+    if known is None:
+        known = _ancestors[parent] = _read_ancestors(parent)
+    return known
+
+
+def _read_ancestors(pid: int) -> tuple[int, ...]:
     pids: list[int] = []
-    pid = os.getppid()
     while pid > 1 and len(pids) < 64:
         pids.append(pid)
         try:

@@ -15,7 +15,6 @@ killed, so a crash leaks nothing. Needs root (``CAP_SETUID``) in the worker.
 from __future__ import annotations
 
 import os
-import random
 import socket
 
 #: Uids handed to episodes: far above the ranges of real accounts (1000+) and of the
@@ -35,7 +34,7 @@ class UidLease:
         """Reserve a free uid of :data:`UID_RANGE`; OSError when none could be had."""
         last_error: OSError | None = None
         for _ in range(attempts):
-            uid = UID_RANGE[random.randrange(len(UID_RANGE))]
+            uid = UID_RANGE[int.from_bytes(os.urandom(4), "little") % len(UID_RANGE)]
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
                 sock.bind(f"\0coding-gym/uid/{uid}")

@@ -38,6 +38,7 @@ from typing import Any
 
 from coding_gym.sandbox import isolation
 from coding_gym.sandbox.copies import Copies
+from coding_gym.sandbox.libc import libc
 from coding_gym.sandbox.protocol import Channel
 from coding_gym.sandbox.walls import Walls
 
@@ -108,7 +109,6 @@ class Worker(Copies):
         self._on_timer_handler = self._on_timer  # one bound method: see _keep_timer_handlers
         self._builtins = dict(builtins.__dict__)
         self._compiled: collections.OrderedDict[str, types.CodeType] = collections.OrderedDict()
-        self._fflush: Any = None
         # Private close-on-exec copies of the output pipes: agent code may close or redirect
         # fds 1 and 2, and they are put back before every step.
         self._fd_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
@@ -290,18 +290,7 @@ class Worker(Copies):
             except BaseException:  # noqa: BLE001 - fd closed by the agent: restored next step
                 pass
         if "ctypes" in sys.modules:
-            self._flush_c_stdio()
-
-    def _flush_c_stdio(self) -> None:
-        """Flush C-level stdio buffers (printf from ctypes or extensions) into the pipes."""
-        try:
-            if self._fflush is None:
-                import ctypes
-
-                self._fflush = ctypes.CDLL(None).fflush
-            self._fflush(None)
-        except (OSError, AttributeError):
-            pass
+            _flush_c_stdio()
 
     def _write_stderr(self, text: str) -> None:
         if not text:
@@ -362,6 +351,17 @@ def warm_up() -> None:
     _setitimer(_ITIMER_REAL, 0)
     _cpu_seconds()
     del linecache.cache[filename]
+    # Look the C function up now: in a zygote, once for all its children (a first look-up
+    # builds a ctypes class, ~0.4 ms of a forked child's first step, most of it page faults).
+    _flush_c_stdio()
+
+
+def _flush_c_stdio() -> None:
+    """Flush C-level stdio buffers (printf from ctypes or extensions) into the pipes."""
+    try:
+        libc().fflush(None)
+    except (OSError, AttributeError):
+        pass
 
 
 def start(sock: socket.socket, config: Mapping[str, Any], *, warm: bool = False,

@@ -42,6 +42,7 @@ import traceback
 from typing import Any, NamedTuple
 
 from coding_gym.sandbox import isolation, walls, worker
+from coding_gym.sandbox.libc import libc
 
 MAX_MESSAGE = 1 << 16
 _MAX_FDS = 8
@@ -341,10 +342,10 @@ def _kill(pid: int) -> None:
 
 
 def _set_process_name(name: str) -> None:
+    """Through the process's one C library handle: the zygote names itself first, so its
+    children find ``prctl`` looked up (a new handle would build a ctypes class in each)."""
     try:
-        import ctypes
-
-        ctypes.CDLL(None).prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+        libc().prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
     except (OSError, AttributeError):
         pass
 

@@ -48,6 +48,15 @@ def test_preloaded_numpy_is_in_memory_but_not_in_the_namespace():
         assert result.stdout == "True\nFalse\n"
 
 
+def test_the_zygote_imports_no_module_that_runs_at_every_fork():
+    # threading and random (subprocess brings both) hook every fork: each new worker and
+    # each copy of one would run their handlers (~0.8 ms, most of it page faults).
+    with _backend(preload=[]) as backend:
+        result = backend.run("import sys\nprint(sorted({'threading', 'random', 'subprocess',"
+                             " 'ctypes.util'} & set(sys.modules)))")
+        assert result.stdout == "[]\n"
+
+
 def test_workers_are_isolated_from_each_other():
     with _backend() as first, _backend() as second:
         first.run("import os\nshared = 'first'\nos.environ['MINE'] = '1'\n"
