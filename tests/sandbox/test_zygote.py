@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -11,7 +12,7 @@ import pytest
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
-from coding_gym.sandbox import zygote, zygote_loop
+from coding_gym.sandbox import isolation, zygote, zygote_loop
 from tests.helpers import descendant_pids, process_name
 
 
@@ -66,6 +67,18 @@ def test_workers_are_isolated_from_each_other():
                             f"{second.workdir!r})")
         assert result.stdout == "False None False True\n"
         assert first.worker_pid != second.worker_pid
+
+
+def test_each_worker_has_exactly_the_environment_of_its_episode():
+    # A spare sets the last worker's environment ahead; the next differs in its directory.
+    code = "import json, os\nprint(json.dumps(dict(os.environ)))"
+    with _backend() as backend:
+        for _ in range(3):
+            environment = json.loads(backend.run(code).stdout)
+            for name in ("USER", "LOGNAME"):  # "sandbox", set by the user layer
+                assert environment.pop(name, "sandbox") == "sandbox"
+            assert environment == isolation.worker_environment(backend.workdir)
+            backend.reset()
 
 
 def test_each_worker_has_its_own_session_and_process_group():
