@@ -97,12 +97,18 @@ class Episode:
         self.snapshots: weakref.WeakSet[Snapshot] = weakref.WeakSet()
 
     def release_interpreter(self) -> None:
+        home = self.stop_interpreter()
+        if home is not None:
+            home.release()
+
+    def stop_interpreter(self) -> Home | None:
+        """Kill the live worker and everything it started; the home it leaves, for the
+        caller to release (a reset does that while the next worker starts)."""
         if self.worker is not None:
             self.worker.close()
             self.worker = None
-        if self.home is not None:
-            self.home.release()
-            self.home = None
+        home, self.home = self.home, None
+        return home
 
     def release(self) -> None:
         if os.getpid() != self.owner:

@@ -15,7 +15,7 @@ from coding_gym.sandbox import cgroups, isolation, steps, zygote
 from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.frozen import FrozenCopy
 from coding_gym.sandbox.steps import StepRun
-from coding_gym.sandbox.supervisor import WorkerProcess
+from coding_gym.sandbox.supervisor import WorkerProcess, once
 from coding_gym.sandbox.uids import UidLease
 
 logger = logging.getLogger(__name__)
@@ -100,15 +100,20 @@ class LocalBackend:
         """Discard the interpreter and its directory; start a fresh worker."""
         self._check_open()
         episode = self._episode
-        episode.release_interpreter()
-        lease = None
-        if self.isolation.user and os.geteuid() == 0:
-            try:
-                lease = UidLease.acquire()
-            except OSError as e:
-                logger.warning("no uid for the episode, the user layer is off: %s", e)
-        episode.home = Home(lease)
-        episode.worker = self._start_worker()
+        old_home = episode.stop_interpreter()
+        # The old directory and uid go while the new worker starts (or if it cannot).
+        release_old_home = once(old_home.release if old_home is not None else None)
+        try:
+            lease = None
+            if self.isolation.user and os.geteuid() == 0:
+                try:
+                    lease = UidLease.acquire()
+                except OSError as e:
+                    logger.warning("no uid for the episode, the user layer is off: %s", e)
+            episode.home = Home(lease)
+            episode.worker = self._start_worker(meanwhile=release_old_home)
+        finally:
+            release_old_home()
 
     def prepare(self) -> None:
         """Start the episode's interpreter now if the last step killed it (a no-op otherwise,
@@ -277,7 +282,7 @@ class LocalBackend:
         assert episode.worker is not None
         return episode.worker
 
-    def _start_worker(self) -> WorkerProcess:
+    def _start_worker(self, meanwhile: Callable[[], None] | None = None) -> WorkerProcess:
         home = self._episode.home
         assert home is not None
         forker = self._zygote()
@@ -285,7 +290,7 @@ class LocalBackend:
                                          uid=home.uid, strict=self.isolation.strict,
                                          forked_by=forker.pid if forker is not None else None)
         worker = WorkerProcess.start(config, isolation.worker_environment(home.path),
-                                     cgroup=self._cgroup(), zygote=forker)
+                                     cgroup=self._cgroup(), zygote=forker, meanwhile=meanwhile)
         self._note_isolation(worker)
         return worker
 

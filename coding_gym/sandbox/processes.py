@@ -158,7 +158,10 @@ def restore_session_weight(pid: int) -> None:
     sessions, or refuses, nothing changes.
     """
     try:
-        with open(f"/proc/{pid}/autogroup", "w") as f:
-            f.write("0")
+        fd = os.open(f"/proc/{pid}/autogroup", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
     except OSError:
         pass

@@ -70,22 +70,29 @@ class WorkerProcess:
 
     @classmethod
     def start(cls, config: dict[str, Any], environment: dict[str, str], *,
-              cgroup: Cgroup | None, zygote: Zygote | None) -> WorkerProcess:
+              cgroup: Cgroup | None, zygote: Zygote | None,
+              meanwhile: Callable[[], None] | None = None) -> WorkerProcess:
         """A ready worker for ``config`` (:func:`coding_gym.sandbox.isolation.worker_config`):
         forked by ``zygote`` when given (spawned if that fails), else spawned.
 
         ``environment`` is its whole environment; its directory is ``config["workdir"]``.
+        ``meanwhile`` runs once, while the worker starts (at the latest before this returns
+        or raises): the caller's work that need not come first.
         """
-        if zygote is not None:
-            try:
-                return cls._fork_from(zygote, config, environment, cgroup)
-            except ZygoteError as e:
-                logger.warning("the zygote failed, spawning the worker instead: %s", e)
-        return cls._spawn(config, environment, cgroup)
+        run_meanwhile = once(meanwhile)
+        try:
+            if zygote is not None:
+                try:
+                    return cls._fork_from(zygote, config, environment, cgroup, run_meanwhile)
+                except ZygoteError as e:
+                    logger.warning("the zygote failed, spawning the worker instead: %s", e)
+            return cls._spawn(config, environment, cgroup, run_meanwhile)
+        finally:
+            run_meanwhile()
 
     @classmethod
     def _spawn(cls, config: dict[str, Any], environment: dict[str, str],
-               cgroup: Cgroup | None) -> WorkerProcess:
+               cgroup: Cgroup | None, meanwhile: Callable[[], None]) -> WorkerProcess:
         channels = Channels()
         try:
             proc = subprocess.Popen(
@@ -104,12 +111,13 @@ class WorkerProcess:
         worker = cls(channels, SpawnedExit(proc, pidfd), cgroup, None)
         worker.pidfd = pidfd
         worker._became(proc.pid)
+        meanwhile()
         worker._await_ready(expected_pid=proc.pid)
         return worker
 
     @classmethod
     def _fork_from(cls, zygote: Zygote, config: dict[str, Any], environment: dict[str, str],
-                   cgroup: Cgroup | None) -> WorkerProcess:
+                   cgroup: Cgroup | None, meanwhile: Callable[[], None]) -> WorkerProcess:
         channels = Channels()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         joining = cgroup.joining_fds() if cgroup is not None else []
@@ -129,6 +137,7 @@ class WorkerProcess:
         exit_watch = ReportedExit(ours)
         worker = cls(channels, exit_watch, cgroup, zygote)
         worker._joins_itself = bool(joining)
+        meanwhile()
         pid = exit_watch.forked(START_TIMEOUT_S)
         if pid is None:
             worker._start_failed("the zygote", Capture(0), exit_watch.error or None)
@@ -412,6 +421,17 @@ class WorkerProcess:
             self.pidfd = None
         _close(self.inbox.fds)
         self.inbox.fds = []
+
+
+def once(action: Callable[[], None] | None) -> Callable[[], None]:
+    """``action`` (if any) at the first call only; later calls do nothing."""
+    pending = [action] if action is not None else []
+
+    def run() -> None:
+        while pending:
+            pending.pop()()
+
+    return run
 
 
 def _close(fds: Sequence[int]) -> None:

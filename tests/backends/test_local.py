@@ -11,6 +11,7 @@ import pytest
 from coding_gym.backends.local import LocalBackend
 from coding_gym.errors import BackendError
 from coding_gym.models import Limits
+from coding_gym.sandbox import isolation
 from tests.helpers import descendant_pids
 
 
@@ -38,6 +39,21 @@ def test_reset_gives_fresh_interpreter_and_directory(backend):
     result = backend.run("import os\nprint(os.listdir('.'))\nprint(x)")
     assert result.stdout == "[]\n"
     assert "NameError: name 'x' is not defined" in result.stderr
+
+
+def test_reset_removes_the_old_directory_even_when_no_worker_can_start(backend, monkeypatch):
+    old_dir = backend.workdir
+
+    def no_config(*args, **kwargs):
+        raise OSError("no config today")
+
+    monkeypatch.setattr(isolation, "worker_config", no_config)
+    with pytest.raises(OSError, match="no config today"):
+        backend.reset()
+    assert not os.path.exists(old_dir)
+    monkeypatch.undo()
+    backend.reset()
+    assert backend.run("print(1)").stdout == "1\n"
 
 
 def test_uncaught_exception_shows_only_agent_frames(backend):
