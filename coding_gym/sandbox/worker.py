@@ -39,7 +39,7 @@ from typing import Any
 from coding_gym.sandbox import isolation
 from coding_gym.sandbox.copies import Copies
 from coding_gym.sandbox.libc import libc
-from coding_gym.sandbox.protocol import Channel
+from coding_gym.sandbox.protocol import Channel, encode_run
 from coding_gym.sandbox.walls import Walls
 
 _SAFE_FD_BASE = 100
@@ -354,6 +354,40 @@ def warm_up() -> None:
     # Look the C function up now: in a zygote, once for all its children (a first look-up
     # builds a ctypes class, ~0.4 ms of a forked child's first step, most of it page faults).
     _flush_c_stdio()
+
+
+def rehearse() -> None:
+    """Run one step through a throwaway worker, request to reply, then drop it.
+
+    For a zygote's spare, while it waits: the copy-on-write faults of a worker's start-up and
+    of its first step (its first request read, code compiled and run, reply encoded and sent)
+    are taken ahead. Without it a new worker's first step was ~0.4 ms slower than the next.
+    """
+    ours, theirs = socket.socketpair()
+    saved = sys.stdout, sys.stderr, sys.stdin, sys.modules.get("__main__"), sys.argv
+    handlers = _get_handler(_SIGALRM), _get_handler(_SIGPROF)
+    rehearsal = Worker(theirs)
+    try:
+        ours.sendall(encode_run("pass", 60.0))
+        request, _ = rehearsal.channel.recv()
+        if request is not None:
+            rehearsal.channel.send(rehearsal._run_request(request))
+            ours.recv(1 << 16)
+    finally:
+        _setitimer(_ITIMER_REAL, 0)
+        _setitimer(_ITIMER_PROF, 0)
+        for signum, handler in zip((_SIGALRM, _SIGPROF), handlers, strict=True):
+            if handler is not None:  # None: installed by C code, which Python cannot put back
+                _set_handler(signum, handler)
+        sys.stdout, sys.stderr, sys.stdin, main, sys.argv = saved
+        if main is not None:
+            sys.modules["__main__"] = main
+        for code in rehearsal._compiled.values():
+            linecache.cache.pop(code.co_filename, None)
+        os.close(rehearsal._fd_out)
+        os.close(rehearsal._fd_err)
+        rehearsal.channel.close()
+        ours.close()
 
 
 def _flush_c_stdio() -> None:

@@ -377,15 +377,9 @@ def _send_quietly(sock: socket.socket, message: dict[str, Any]) -> None:
 
 def _warm_up() -> None:
     """Take now, while idle, the copy-on-write faults a new worker's start-up and first step
-    would take: run the step machinery and build a worker (then drop it)."""
+    would take: run the step machinery, and a step through a throwaway worker."""
     worker.warm_up()
-    scratch = socket.socket(socket.AF_UNIX)
-    try:
-        rehearsal = worker.Worker(scratch)
-        os.close(rehearsal._fd_out)
-        os.close(rehearsal._fd_err)
-    finally:
-        scratch.close()
+    worker.rehearse()
 
 
 def _reseed() -> None:

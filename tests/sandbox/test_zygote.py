@@ -58,6 +58,17 @@ def test_the_zygote_imports_no_module_that_runs_at_every_fork():
         assert result.stdout == "[]\n"
 
 
+def test_the_step_a_spare_rehearses_leaves_no_trace_in_its_worker():
+    code = ("import linecache, signal, sys\n"
+            "print(sorted(name for name in linecache.cache if name.startswith('<cell')))\n"
+            "print(sys.modules['__main__'].__dict__ is globals(), signal.getitimer("
+            "signal.ITIMER_PROF)[0] > 0, sys.stdout.fileno(), sys.stdin is sys.__stdin__)")
+    with _backend(preload=[]) as backend:
+        for _ in range(2):  # the first worker's spare may not have waited
+            backend.reset()
+            assert backend.run(code).stdout == "['<cell-1>']\nTrue True 1 True\n"
+
+
 def test_workers_are_isolated_from_each_other():
     with _backend() as first, _backend() as second:
         first.run("import os\nshared = 'first'\nos.environ['MINE'] = '1'\n"
