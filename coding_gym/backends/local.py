@@ -211,7 +211,7 @@ class LocalBackend:
             episode.home = snapshot.home.share()
 
         try:
-            episode.worker = self._wake(snapshot.copy, meanwhile=replace_interpreter)
+            episode.worker = self._wake(snapshot.copy, before_joining=replace_interpreter)
         except WorkerStartError as e:
             raise SnapshotError(f"could not restore the snapshot: {e}") from e
 
@@ -294,10 +294,10 @@ class LocalBackend:
         self._note_isolation(worker)
         return worker
 
-    def _wake(self, copy: FrozenCopy, meanwhile: Callable[[], None] | None = None
+    def _wake(self, copy: FrozenCopy, before_joining: Callable[[], None] | None = None
               ) -> WorkerProcess:
         worker = WorkerProcess.wake(copy, cgroup=self._cgroup(), zygote=self._zygote(),
-                                    meanwhile=meanwhile)
+                                    before_joining=before_joining)
         self._note_isolation(worker)
         return worker
 

@@ -68,6 +68,8 @@ class Copies:
     copy_error = ""
     #: The scheduling policy of the worker a frozen copy was made of.
     _policy = -1
+    #: A snapshot was made: the worker takes its policy back once its reply is sent.
+    _unsettled = False
 
     if TYPE_CHECKING:
         def _flush(self) -> None: ...
@@ -103,12 +105,22 @@ class Copies:
             self.copy_error = f"could not fork the interpreter: {e}"
             return -1
         if not in_copy:
-            _set_policy(self._policy)
             mine.close()
+            self._unsettled = reusable
             return theirs.detach()
         theirs.close()
         self._freeze(Channel(mine))
         return None
+
+    def settle(self) -> None:
+        """Take the worker's scheduling policy back after a snapshot, once its reply is sent.
+
+        Not sooner: a batch process yields its CPU to the copy just forked there, until that
+        copy has frozen (~1 ms), and the reply would wait for it.
+        """
+        if self._unsettled:
+            self._unsettled = False
+            _set_policy(self._policy)
 
     def fork_into(self, fds: list[int]) -> bool:
         """Fork a live copy that serves another env over ``fds``; True in the copy."""
@@ -194,8 +206,8 @@ class Copies:
         if gone >= 0:
             os.read(gone, 1)  # nothing to read: returns once the successor closed its end
             os.close(gone)
-        _set_policy(self._policy)
         self._send_ready()
+        _set_policy(self._policy)  # after: see settle
 
     @staticmethod
     def _introduce(wake: Channel) -> None:

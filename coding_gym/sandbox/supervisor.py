@@ -148,24 +148,26 @@ class WorkerProcess:
 
     @classmethod
     def wake(cls, copy: FrozenCopy, *, cgroup: Cgroup | None, zygote: Zygote | None,
-             meanwhile: Callable[[], None] | None = None) -> WorkerProcess:
+             before_joining: Callable[[], None] | None = None) -> WorkerProcess:
         """The worker that a (parked) frozen copy becomes, in ``cgroup``.
 
-        ``meanwhile`` runs while the copy gets ready (also if it cannot be asked to): the
-        worker being replaced is killed there, cgroup included, for the new one enters
-        ``cgroup`` only once it is ready.
+        ``before_joining`` runs once the copy is ready, before it enters ``cgroup`` (or once
+        it has failed): the worker being replaced is killed there, cgroup included. Not
+        sooner: that worker's exit (~1 ms of CPU) would compete with the copy's start-up.
         """
         channels = Channels()
+        run_before_joining = once(before_joining)
         try:
-            copy.wake(channels.child_fds())
-        except WorkerStartError:
-            channels.close_parent_ends()
-            raise
+            try:
+                copy.wake(channels.child_fds())
+            except WorkerStartError:
+                channels.close_parent_ends()
+                raise
+            finally:
+                channels.close_child_ends()
+            return cls._adopt(channels, cgroup, zygote, "the frozen copy", run_before_joining)
         finally:
-            channels.close_child_ends()
-            if meanwhile is not None:
-                meanwhile()
-        return cls._adopt(channels, cgroup, zygote, "the frozen copy")
+            run_before_joining()
 
     def fork(self, *, cgroup: Cgroup | None) -> WorkerProcess:
         """A new worker forked from this one: same variables, its own pipes and cgroup."""
@@ -186,10 +188,11 @@ class WorkerProcess:
 
     @classmethod
     def _adopt(cls, channels: Channels, cgroup: Cgroup | None, zygote: Zygote | None,
-               origin: str) -> WorkerProcess:
+               origin: str, before_joining: Callable[[], None] | None = None
+               ) -> WorkerProcess:
         """Finish the start of a copy: learn its pid, then have its exit reported."""
         worker = cls(channels, ExitWatch(), cgroup, zygote)
-        worker._await_ready(origin=origin)
+        worker._await_ready(origin=origin, before_joining=before_joining)
         exit_watch: ExitWatch = OrphanExit(worker.pidfd)
         if zygote is not None and zygote.alive:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -214,7 +217,8 @@ class WorkerProcess:
                 self.cgroup.add(pid)
 
     def _await_ready(self, expected_pid: int | None = None,
-                     origin: str = "the sandbox worker") -> None:
+                     origin: str = "the sandbox worker",
+                     before_joining: Callable[[], None] | None = None) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         err = Capture(1 << 16)
         poller = select.poll()
@@ -239,6 +243,8 @@ class WorkerProcess:
                         if message.get("type") == "ready" and sender is not None \
                                 and expected_pid in (None, sender):
                             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 0)
+                            if before_joining is not None:
+                                before_joining()
                             if self.pid != sender:
                                 self._became(sender)
                             if self.cgroup is not None:

@@ -163,6 +163,7 @@ class Worker(Copies):
             self.channel.send(reply, reply_fds)
             for fd in reply_fds:
                 os.close(fd)
+            self.settle()
 
     def _send_ready(self) -> None:
         self.channel.send({"type": "ready", "pid": os.getpid(),

@@ -110,10 +110,13 @@ def test_restoring_many_times_leaves_one_frozen_process(no_leaked_processes):
             assert len(descendant_pids() - before) == 2
 
 
-def test_restored_and_rolled_back_workers_keep_the_worker_scheduling_policy(backend):
+def test_snapshotting_restored_and_rolled_back_workers_keep_the_worker_scheduling_policy(
+        backend):
     policy = "import os\nprint(os.sched_getscheduler(0))"
     expected = backend.run(policy).stdout
     with backend.snapshot() as snapshot:
+        # The worker's policy changes while it forks the copy, and is back once it replied.
+        assert backend.run(policy).stdout == expected
         backend.restore(snapshot)
         assert backend.run(policy).stdout == expected
     with LocalBackend(Limits(timeout_s=1.0), transactional=True) as transactional:
