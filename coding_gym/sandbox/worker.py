@@ -122,6 +122,7 @@ class Worker(Copies):
         """Answer requests until the parent closes the socket."""
         self._keep_timer_handlers()
         self._send_ready()
+        _batch_scheduling()  # not sooner: see _batch_scheduling
         while True:
             request, fds = self.channel.recv()
             if request is None:
@@ -333,7 +334,10 @@ def _pending(fd: int) -> int:
 
 def _batch_scheduling() -> None:
     """Run as a batch process: woken by a request, the worker waits for the parent to block
-    instead of preempting it in the middle of sending requests to its other workers."""
+    instead of preempting it in the middle of sending requests to its other workers.
+
+    Only once the worker is ready: during its start-up a batch process would yield its CPU
+    to the zygote's next spare, forked at the same moment, which builds its namespaces."""
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
     except (OSError, AttributeError):
@@ -411,7 +415,6 @@ def start(sock: socket.socket, config: Mapping[str, Any], *, warm: bool = False,
     """
     worker = Worker(sock)
     worker.joined_cgroup = joined_cgroup
-    _batch_scheduling()
     if not warm:
         warm_up()
     try:
