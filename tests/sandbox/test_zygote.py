@@ -109,6 +109,14 @@ def test_each_worker_gets_fresh_random_state():
     assert len(outputs) == 3
 
 
+@pytest.mark.parametrize("start_method", ["zygote", "spawn"])
+def test_a_ready_worker_is_a_batch_process(start_method):
+    # Woken by a request, it must not preempt the parent sending requests to other workers.
+    with _backend(start_method=start_method) as backend:
+        code = "import os\nprint(os.sched_getscheduler(0) == os.SCHED_BATCH)"
+        assert backend.run(code).stdout == "True\n"
+
+
 def test_each_worker_gets_its_own_limits():
     code = "import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0] // 2**20)"
     with _backend() as small, \
