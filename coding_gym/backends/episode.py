@@ -92,6 +92,8 @@ class Episode:
         self.owner = os.getpid()
         self.worker: WorkerProcess | None = None
         self.home: Home | None = None
+        #: The directory and uid of the next reset, made ahead.
+        self.next_home: Home | None = None
         self.cgroup: Cgroup | None = None
         self.parking: Cgroup | None = None
         self.snapshots: weakref.WeakSet[Snapshot] = weakref.WeakSet()
@@ -116,6 +118,9 @@ class Episode:
             # directory and the cgroups are the owner's, and stay.
             return
         self.release_interpreter()
+        if self.next_home is not None:
+            self.next_home.release()
+            self.next_home = None
         for snapshot in list(self.snapshots):
             snapshot.release()
         for group in (self.cgroup, self.parking):

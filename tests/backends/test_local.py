@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
+import tempfile
 import time
 
 import pytest
@@ -54,6 +56,21 @@ def test_reset_removes_the_old_directory_even_when_no_worker_can_start(backend, 
     monkeypatch.undo()
     backend.reset()
     assert backend.run("print(1)").stdout == "1\n"
+
+
+@pytest.mark.parametrize("start_method", ["zygote", "spawn"])
+def test_close_removes_every_directory_the_backend_made(start_method):
+    pattern = os.path.join(tempfile.gettempdir(), "coding-gym-*")
+    before = set(glob.glob(pattern))
+    backend = LocalBackend(Limits(timeout_s=2.0), start_method=start_method)
+    for _ in range(3):
+        backend.reset()
+        backend.run("open('kept.txt', 'w').write('x')")
+    # The episode's, and the next reset's, made ahead.
+    assert backend.workdir in set(glob.glob(pattern)) - before
+    assert len(set(glob.glob(pattern)) - before) <= 2
+    backend.close()
+    assert set(glob.glob(pattern)) - before == set()
 
 
 def test_uncaught_exception_shows_only_agent_frames(backend):
