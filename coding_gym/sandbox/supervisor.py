@@ -25,7 +25,7 @@ from typing import Any
 
 from coding_gym.errors import SnapshotError, WorkerStartError
 from coding_gym.models import ExecResult, Limits
-from coding_gym.sandbox import bootstrap, processes, protocol
+from coding_gym.sandbox import bootstrap, processes, protocol, walls
 from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.channels import Channels
 from coding_gym.sandbox.exits import ExitWatch, OrphanExit, ReportedExit, SpawnedExit
@@ -121,11 +121,12 @@ class WorkerProcess:
         channels = Channels()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         joining = cgroup.joining_fds() if cgroup is not None else []
+        request = {"config": config, "workdir": config["workdir"], "environment": environment}
         try:
-            zygote.fork_worker(
-                {"config": config, "workdir": config["workdir"], "environment": environment},
-                [*channels.child_fds(), theirs.fileno(), *joining],
-            )
+            pid = zygote.start_worker(walls.kind_of(config), request,
+                                      [*channels.child_fds(), *joining], theirs.fileno())
+            if pid is None:
+                zygote.fork_worker(request, [*channels.child_fds(), theirs.fileno(), *joining])
         except ZygoteError:
             ours.close()
             channels.close_parent_ends()
@@ -138,7 +139,8 @@ class WorkerProcess:
         worker = cls(channels, exit_watch, cgroup, zygote)
         worker._joins_itself = bool(joining)
         meanwhile()
-        pid = exit_watch.forked(START_TIMEOUT_S)
+        if pid is None:
+            pid = exit_watch.forked(START_TIMEOUT_S)
         if pid is None:
             worker._start_failed("the zygote", Capture(0), exit_watch.error or None)
         else:

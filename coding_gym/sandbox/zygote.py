@@ -3,19 +3,22 @@
 A fresh interpreter costs 40-55 ms to start (110-130 ms when the code imports NumPy); a fork of
 one that has already imported everything costs 1-2 ms. The zygote is that parent: started once
 per process (lazily, by :func:`get`) and shared by every backend of the process, it imports the
-modules to preload and then forks workers on request (``zygote_loop.py`` is the zygote's own
-side). This module is the other side: starting it, asking it for workers and for the exit
-status of copies of workers, and stopping it.
+modules to preload and forks workers ahead (``zygote_loop.py`` is the zygote's own side).
+This module is the other side: starting it, giving a request to the spare child it offers (or
+asking it for a worker when none is on offer), asking for the exit status of workers and of
+their copies, and stopping it.
 """
 
 from __future__ import annotations
 
+import array
 import atexit
 import importlib.util
 import json
 import logging
 import os
 import select
+import signal
 import socket
 import subprocess
 import tempfile
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 #: Modules the default zygote imports, each only if it is installed.
 DEFAULT_PRELOAD: tuple[str, ...] = ("numpy",)
 START_TIMEOUT_S = 60.0
+_ONE_FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
 
 
 class ZygoteError(OSError):
@@ -43,6 +47,9 @@ class Zygote:
     def __init__(self, preload: Sequence[str]) -> None:
         self.preload = tuple(preload)
         self._lock = threading.Lock()
+        #: (network, filesystem) namespaces -> the spare on offer: its pid and the socket its
+        #: request goes down (see zygote_loop.py).
+        self._offers: dict[tuple[bool, bool], tuple[int, socket.socket]] = {}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         settings = json.dumps({"preload": list(self.preload)})
         home = tempfile.gettempdir()
@@ -90,8 +97,72 @@ class Zygote:
         return self.proc.poll() is None
 
     def fork_worker(self, request: dict[str, Any], fds: Sequence[int]) -> None:
-        """Ask for a worker: ``fds`` = [control socket, stdout, stderr, status socket]."""
+        """Ask for a worker: ``fds`` = [control socket, stdout, stderr, status socket, then
+        the cgroup files it joins by itself]. The status socket says its pid first."""
         self._send({"cmd": "fork", **request}, fds)
+
+    def start_worker(self, kind: tuple[bool, bool], request: dict[str, Any],
+                     fds: Sequence[int], status_fd: int) -> int | None:
+        """Give ``request`` to the spare on offer for namespaces of ``kind``, and have the
+        zygote report its exit on ``status_fd``: the worker's pid, or None when no spare is
+        on offer (or it is gone) and :meth:`fork_worker` must ask for one instead.
+
+        ``fds`` = [control socket, stdout, stderr, then the cgroup files it joins itself].
+        """
+        with self._lock:
+            self._read_offers()
+            offer = self._offers.pop(kind, None)
+        if offer is None:
+            return None
+        pid, spare = offer
+        try:
+            socket.send_fds(spare, [json.dumps({"cmd": "fork", **request}).encode()], list(fds))
+        except OSError:
+            return None  # it died waiting: the zygote forks one for the request
+        finally:
+            spare.close()
+        try:
+            self._send({"cmd": "took", "pid": pid, "kind": list(kind),
+                        "environment": request.get("environment")}, [status_fd])
+        except ZygoteError:
+            try:
+                os.kill(pid, signal.SIGKILL)  # nobody would learn how it ends
+            except OSError:
+                pass
+            raise
+        return pid
+
+    def _read_offers(self) -> None:
+        """Take the spares the zygote offered since the last look (the channel's lock held)."""
+        while True:
+            try:
+                # Not socket.recv_fds: it drops its flags argument (Python 3.11).
+                data, ancillary, _, _ = self.channel.recvmsg(MAX_MESSAGE, _ONE_FD_SPACE,
+                                                             socket.MSG_DONTWAIT)
+            except OSError:  # BlockingIOError: nothing more; else the zygote is gone
+                return
+            fds = array.array("i")
+            for level, kind_, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind_ == socket.SCM_RIGHTS:
+                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                return
+            try:
+                offer = json.loads(data)
+                pid, (network, filesystem) = int(offer["pid"]), offer["kind"]
+                kind = (bool(network), bool(filesystem))
+                if offer.get("type") != "spare" or len(fds) != 1:
+                    raise ValueError(offer)
+            except (ValueError, TypeError, KeyError):
+                for fd in fds:
+                    os.close(fd)
+                continue
+            stale = self._offers.pop(kind, None)
+            if stale is not None:
+                stale[1].close()
+            self._offers[kind] = (pid, socket.socket(fileno=fds[0]))
 
     def watch(self, pid: int, status_fd: int) -> None:
         """Report the exit status of ``pid`` (a copy of a worker) on ``status_fd``."""
@@ -106,6 +177,10 @@ class Zygote:
 
     def close(self) -> None:
         """Stop the zygote: it kills the workers it still has. Safe to call twice."""
+        with self._lock:
+            for _, spare in self._offers.values():
+                spare.close()
+            self._offers.clear()
         self.channel.close()
         try:
             self.proc.wait(timeout=5)

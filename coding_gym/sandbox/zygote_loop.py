@@ -4,19 +4,22 @@ Started by :class:`coding_gym.sandbox.zygote.Zygote`, it imports the modules to 
 up the worker's step machinery, freezes its objects out of the garbage collector (so children
 do not copy the pages it would touch), and then waits for requests.
 
-Each request carries the new worker's control socket, stdout and stderr pipes and a status
-socket, passed with ``SCM_RIGHTS``. The zygote keeps a child forked ahead (the *spare*, which
-drops the zygote's own sockets, gets fresh random state, enters the namespaces the request will
-ask for (``walls.py``) and, unless a request is already waiting, takes the copy-on-write
-faults of a start-up in advance) and hands the request to it, then forks the next spare: one
-spare for each kind of namespaces requests have asked for (at most four: network and
-filesystem layers on or off), so envs of different isolation in one process each find theirs
-ready. The spare starts a new session,
-moves to the episode's directory and environment and runs the same start-up path as a spawned
-worker (:func:`coding_gym.sandbox.worker.start`), completing its isolation. On the status
-socket the zygote reports the worker's pid at once (the parent moves it into its cgroup
-meanwhile), then its exit status once it reaps it: the worker is the zygote's child, not
-the env's, and only a parent can learn how a process ended. It is a child subreaper too, so
+A new worker is a child forked ahead (the *spare*, which drops the zygote's own sockets, gets
+fresh random state, enters the namespaces its request will ask for (``walls.py``) and, unless
+a request is already waiting, takes the copy-on-write faults of a start-up in advance). The
+zygote *offers* each spare to the env's process: it sends the spare's pid and the socket its
+request goes down (``SCM_RIGHTS``), and that process sends the request there itself, then
+says so (``took``) with a status socket. So a reset wakes one process, not two. The zygote
+then offers the next spare: one for each kind of namespaces requests have asked for (at most
+four: network and filesystem layers on or off), so envs of different isolation in one process
+each find theirs ready. Without an offer in hand (or when its spare is gone), the env sends
+the request to the zygote (``fork``), which forks a child for it at once and reports its pid
+on the status socket first. A request carries the new worker's control socket, stdout and
+stderr pipes. The spare starts a new session, moves to the episode's directory and environment
+and runs the same start-up path as a spawned worker (:func:`coding_gym.sandbox.worker.start`),
+completing its isolation. On the status socket the zygote reports the worker's exit status
+once it reaps it: the worker is the zygote's child, not the env's, and only a parent can learn
+how a process ended. It is a child subreaper too, so
 copies of workers (snapshots and forks, forked beside the worker) land here and are reaped and
 reported the same way.
 
@@ -39,7 +42,8 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any
 
 from coding_gym.sandbox import isolation, walls, worker
 from coding_gym.sandbox.libc import libc
@@ -92,8 +96,9 @@ class _Loop:
         self.channel = channel
         self.watchers: dict[int, socket.socket] = {}
         self.exits: collections.OrderedDict[int, int] = collections.OrderedDict()
-        #: (network, filesystem) namespaces -> the spare built for them.
-        self.spares: dict[tuple[bool, bool], _Spare] = {}
+        #: (network, filesystem) namespaces -> pid of the spare built for them, offered to
+        #: the env's process (which holds its socket) and not taken yet.
+        self.spares: dict[tuple[bool, bool], int] = {}
         #: The environment of the last worker: a spare sets it ahead, for the next one
         #: differs in its directory alone (a first setting costs a child ~0.4 ms).
         self.environment: dict[str, str] = {}
@@ -110,7 +115,7 @@ class _Loop:
         # Everything imported so far is shared with every child: keep the collector off it.
         gc.freeze()
         self.channel.send(json.dumps(ready).encode())
-        self._fork_spare(_DEFAULT_WALLS)
+        self._offer_spare(_DEFAULT_WALLS)
         while True:
             for fd, _ in self.poller.poll():
                 if fd == self.wake_r:
@@ -138,9 +143,10 @@ class _Loop:
         except (ValueError, KeyError, TypeError, AttributeError):
             command = None
         if command == "fork" and walls_kind is not None and len(fds) >= 4:
-            if isinstance(request.get("environment"), dict):
-                self.environment = request["environment"]
+            self._remember_environment(request)
             self._hand_over(data, fds, walls_kind)
+        elif command == "took" and len(fds) == 1:
+            self._took(request, socket.socket(fileno=fds[0]))
         elif command == "watch" and len(fds) == 1:
             self._watch(int(request["pid"]), socket.socket(fileno=fds[0]))
         else:
@@ -148,8 +154,11 @@ class _Loop:
                 os.close(fd)
         return True
 
-    def _fork_spare(self, kind: tuple[bool, bool]) -> None:
-        """Fork the child that will take the next request for namespaces of ``kind``.
+    def _fork_spare(self, kind: tuple[bool, bool], inherited: Sequence[int] = ()
+                    ) -> tuple[int, socket.socket] | None:
+        """Fork a child that waits for a request for namespaces of ``kind``: its pid and the
+        socket its request goes down, or None if the fork failed. ``inherited``: fds the
+        zygote holds for the moment, which the child closes.
 
         Forking ahead moves the fork, the namespaces and the copy-on-write faults of a
         child's first moments out of the reset that waits for the worker.
@@ -160,31 +169,49 @@ class _Loop:
         except OSError:
             ours.close()
             theirs.close()
-            return
+            return None
         if pid == 0:
-            self._wait_as_spare(theirs, ours, kind)
+            self._wait_as_spare(theirs, [ours.detach(), *inherited], kind)
         theirs.close()
         self.exits.pop(pid, None)
-        self.spares[kind] = _Spare(pid, ours)
+        return pid, ours
+
+    def _offer_spare(self, kind: tuple[bool, bool]) -> None:
+        """Fork the spare for the next request of ``kind``, unless one is on offer, and give
+        the env's process its socket."""
+        if kind in self.spares:
+            return
+        spare = self._fork_spare(kind)
+        if spare is None:
+            return  # the next request of this kind comes here, and says if forks still fail
+        pid, sock = spare
+        offer = json.dumps({"type": "spare", "pid": pid, "kind": list(kind)}).encode()
+        try:
+            socket.send_fds(self.channel, [offer], [sock.fileno()])
+        except OSError:
+            _kill(pid)  # the env's process is gone: the channel's end is near
+        else:
+            self.spares[kind] = pid
+        finally:
+            sock.close()
 
     def _hand_over(self, data: bytes, fds: list[int], kind: tuple[bool, bool]) -> None:
-        """Give a fork request to the spare of its kind, then make the next spare.
+        """Serve a fork request sent here (the env had no spare of its kind on offer): fork a
+        child for it now, then offer the next spare.
 
         ``fds``: the worker's control socket, stdout and stderr, the status socket, then
         the cgroup files the worker joins by itself (``Cgroup.joining_fds``), if any."""
         status = fds[3]
         worker_fds = [*fds[:3], *fds[4:]]
         status_sock = socket.socket(fileno=status)
-        if kind not in self.spares:
-            self._fork_spare(kind)
-        spare = self.spares.pop(kind, None)
-        if spare is None:
+        # Not the status socket in the child: its messages are the zygote's word.
+        child = self._fork_spare(kind, inherited=fds)
+        if child is None:
             _send_quietly(status_sock, {"type": "error", "message": "fork failed"})
             status_sock.close()
         else:
-            pid, sock = spare
-            # The pid first: the parent moves it into its cgroup while it starts, and the
-            # spare woken next must not keep the zygote from the CPU before it is sent.
+            pid, sock = child
+            # The pid first: the parent moves it into its cgroup while it starts.
             _send_quietly(status_sock, {"type": "forked", "pid": pid})
             try:
                 socket.send_fds(sock, [data], worker_fds)
@@ -197,22 +224,40 @@ class _Loop:
             sock.close()
         for fd in worker_fds:
             os.close(fd)
-        self._fork_spare(kind)
+        self._offer_spare(kind)
 
-    def _wait_as_spare(self, sock: socket.socket, zygote_end: socket.socket,
+    def _took(self, request: dict[str, Any], status_sock: socket.socket) -> None:
+        """The env's process sent a request to the spare on offer itself: report that
+        worker's exit on ``status_sock``, and offer the next spare."""
+        pid, kind = request.get("pid"), request.get("kind")
+        if not (isinstance(pid, int) and isinstance(kind, list) and len(kind) == 2):
+            status_sock.close()
+            return
+        walls_kind = (bool(kind[0]), bool(kind[1]))
+        if self.spares.get(walls_kind) == pid:
+            del self.spares[walls_kind]
+        self._remember_environment(request)
+        self._watch(pid, status_sock)
+        self._offer_spare(walls_kind)
+
+    def _remember_environment(self, request: dict[str, Any]) -> None:
+        if isinstance(request.get("environment"), dict):
+            self.environment = request["environment"]
+
+    def _wait_as_spare(self, sock: socket.socket, inherited: list[int],
                        kind: tuple[bool, bool]) -> None:
-        """In a spare child: shed the zygote, wait for a request, become its worker."""
+        """In a spare child: shed the zygote (and ``inherited``), wait for a request, become
+        its worker."""
         code = 1
         try:
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             # Detach before closing: a socket object collected later would close whatever
             # fd then has the same number.
-            for owned in (self.channel, zygote_end, *self.watchers.values(),
-                          *(other.sock for other in self.spares.values())):
+            for owned in (self.channel, *self.watchers.values()):
                 os.close(owned.detach())
-            os.close(self.wake_r)
-            os.close(self.wake_w)
+            for fd in (*inherited, self.wake_r, self.wake_w):
+                os.close(fd)
             _set_process_name(SPARE_NAME)
             _set_environment(self.environment)
             _reseed()
@@ -277,9 +322,8 @@ class _Loop:
                 return
             returncode = os.waitstatus_to_exitcode(status)
             for kind, spare in list(self.spares.items()):
-                if spare.pid == pid:
-                    spare.sock.close()
-                    del self.spares[kind]
+                if spare == pid:
+                    del self.spares[kind]  # its offer is void: the next request comes here
             sock = self.watchers.pop(pid, None)
             if sock is None:
                 self.exits[pid] = returncode
@@ -292,7 +336,7 @@ class _Loop:
 
     def _stop(self) -> None:
         """The env's process is gone or done: take the workers down with the zygote."""
-        for pid in [*self.watchers, *(spare.pid for spare in self.spares.values())]:
+        for pid in [*self.watchers, *self.spares.values()]:
             _kill(pid)
 
 
@@ -340,13 +384,6 @@ def _threads() -> int:
         return int(stat[stat.rfind(b")") + 2:].split()[17])
     except (OSError, ValueError, IndexError):
         return 0
-
-
-class _Spare(NamedTuple):
-    """A child forked ahead: its pid, and the socket its request goes down."""
-
-    pid: int
-    sock: socket.socket
 
 
 def _kill(pid: int) -> None:

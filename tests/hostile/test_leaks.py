@@ -8,6 +8,7 @@ way (exit, crash, timeout kill, a daemon left running) so that every clean-up pa
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import time
@@ -65,6 +66,7 @@ def settled(env: CodingEnv, foreign: set[int], timeout_s: float = 15.0) -> Count
     deadline = time.monotonic() + timeout_s
     while descendant_pids() - live - foreign and time.monotonic() < deadline:
         time.sleep(0.05)
+    gc.collect()  # other tests' objects left to the collector close their fds now, not between
     return count(foreign)
 
 

@@ -212,6 +212,24 @@ def test_the_zygote_and_its_spare_are_named():
         assert _spare_of(found.pid) in descendant_pids_of(found.pid)
 
 
+def test_a_reset_whose_spare_on_offer_died_asks_the_zygote_and_finds_the_next_offered():
+    with _backend() as backend:
+        found = zygote.get()
+        assert found is not None
+        _spare_of(found.pid)
+        spares = [pid for pid in descendant_pids_of(found.pid)
+                  if process_name(pid) == zygote_loop.SPARE_NAME]  # one per kind asked for
+        for pid in spares:
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while any(process_name(pid) for pid in spares) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for _ in range(3):  # the zygote's own fork, then spares on offer again
+            backend.reset()
+            assert backend.worker_pid not in spares
+            assert backend.run("import os\nprint(os.getppid())").stdout == f"{found.pid}\n"
+
+
 def descendant_pids_of(pid: int) -> list[int]:
     from coding_gym.sandbox.processes import descendants
 
