@@ -12,7 +12,8 @@ def descendant_pids(root: int | None = None) -> set[int]:
     the spare is replaced each time it becomes a worker.
     """
     from coding_gym.sandbox.processes import descendants
-    from coding_gym.sandbox.zygote_loop import SPARE_NAME, ZYGOTE_NAME
+    from coding_gym.sandbox.spare import NAME as SPARE_NAME
+    from coding_gym.sandbox.zygote_loop import ZYGOTE_NAME
 
     return {pid for pid in descendants(os.getpid() if root is None else root)
             if process_name(pid) not in (ZYGOTE_NAME, SPARE_NAME)}

@@ -22,6 +22,19 @@ def error(what: str) -> OSError:
     return OSError(number, f"{what}: {os.strerror(number)}")
 
 
+_PR_SET_NAME = 15
+
+
+def set_process_name(name: str) -> None:
+    """The process's name (``ps -o comm``, /proc/PID/comm), 15 bytes at most. Through the
+    one handle: the zygote names itself first, so its children find ``prctl`` looked up (a
+    new handle would build a ctypes class in each)."""
+    try:
+        libc().prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
 #: ``mallopt`` parameters (glibc's malloc.h).
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8

@@ -4,24 +4,20 @@ Started by :class:`coding_gym.sandbox.zygote.Zygote`, it imports the modules to 
 up the worker's step machinery, freezes its objects out of the garbage collector (so children
 do not copy the pages it would touch), and then waits for requests.
 
-A new worker is a child forked ahead (the *spare*, which drops the zygote's own sockets, gets
-fresh random state, enters the namespaces its request will ask for (``walls.py``) and, unless
-a request is already waiting, takes the copy-on-write faults of a start-up in advance). The
-zygote *offers* each spare to the env's process: it sends the spare's pid and the socket its
-request goes down (``SCM_RIGHTS``), and that process sends the request there itself, then
-says so (``took``) with a status socket. So a reset wakes one process, not two. The zygote
-then offers the next spare: one for each kind of namespaces requests have asked for (at most
-four: network and filesystem layers on or off), so envs of different isolation in one process
-each find theirs ready. Without an offer in hand (or when its spare is gone), the env sends
-the request to the zygote (``fork``), which forks a child for it at once and reports its pid
-on the status socket first. A request carries the new worker's control socket, stdout and
-stderr pipes. The spare starts a new session, moves to the episode's directory and environment
-and runs the same start-up path as a spawned worker (:func:`coding_gym.sandbox.worker.start`),
-completing its isolation. On the status socket the zygote reports the worker's exit status
-once it reaps it: the worker is the zygote's child, not the env's, and only a parent can learn
-how a process ended. It is a child subreaper too, so
-copies of workers (snapshots and forks, forked beside the worker) land here and are reaped and
-reported the same way.
+A new worker is a child forked ahead: the *spare* (``spare.py``), which does while it waits the
+part of a worker's start-up that no request decides. The zygote *offers* each spare to the
+env's process: it sends the spare's pid and the socket its request goes down (``SCM_RIGHTS``),
+and that process sends the request there itself, then says so (``took``) with a status socket.
+So a reset wakes one process, not two. The zygote then offers the next spare: one for each kind
+of namespaces requests have asked for (at most four: network and filesystem layers on or off),
+so envs of different isolation in one process each find theirs ready. Without an offer in hand
+(or when its spare is gone), the env sends the request to the zygote (``fork``), which forks a
+child for it at once and reports its pid on the status socket first. A request carries the new
+worker's control socket, stdout and stderr pipes. On the status socket the zygote reports the
+worker's exit status once it reaps it: the worker is the zygote's child, not the env's, and
+only a parent can learn how a process ended. It is a child subreaper too, so copies of workers
+(snapshots and forks, forked beside the worker) land here and are reaped and reported the same
+way.
 
 The zygote stays single-threaded (a fork copies only the calling thread): it refuses to serve
 if the preloaded modules started threads. It exits when every process holding the other end
@@ -40,21 +36,16 @@ import os
 import select
 import signal
 import socket
-import sys
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from coding_gym.sandbox import isolation, walls, worker
-from coding_gym.sandbox.libc import libc
+from coding_gym.sandbox import isolation, spare, walls, worker
+from coding_gym.sandbox.libc import set_process_name
+from coding_gym.sandbox.spare import MAX_FDS, MAX_MESSAGE
 
-MAX_MESSAGE = 1 << 16
-_MAX_FDS = 8
 _REMEMBERED_EXITS = 4096
-#: Process names (``ps -o comm``, /proc/PID/comm) of the zygote and of its spare child.
+#: Process name (``ps -o comm``, /proc/PID/comm) of the zygote; its spare's is spare.NAME.
 ZYGOTE_NAME = "cg-zygote"
-SPARE_NAME = "cg-zygote-spare"
-_PR_SET_NAME = 15
 #: The namespaces of the first spare: those of the default isolation.
 _DEFAULT_WALLS = (True, True)
 
@@ -70,7 +61,7 @@ def main(argv: list[str]) -> None:
             imported.append(name)
         except BaseException as e:  # noqa: BLE001 - reported, and the zygote serves anyway
             failed[name] = f"{type(e).__name__}: {e}"
-    _set_process_name(ZYGOTE_NAME)
+    set_process_name(ZYGOTE_NAME)
     worker.warm_up()
     isolation.prepare()
     # Copies of workers (snapshots, forks) are orphaned on purpose: adopt and reap them here.
@@ -131,7 +122,7 @@ class _Loop:
     def _handle_request(self) -> bool:
         """Serve one request; False when the channel is closed."""
         try:
-            data, fds, _, _ = socket.recv_fds(self.channel, MAX_MESSAGE, _MAX_FDS)
+            data, fds, _, _ = socket.recv_fds(self.channel, MAX_MESSAGE, MAX_FDS)
         except OSError:
             return False
         if not data:
@@ -171,7 +162,8 @@ class _Loop:
             theirs.close()
             return None
         if pid == 0:
-            self._wait_as_spare(theirs, [ours.detach(), *inherited], kind)
+            inherited = [ours.detach(), *inherited]
+            spare.run(theirs, kind, self.environment, shed=lambda: self._shed(inherited))
         theirs.close()
         self.exits.pop(pid, None)
         return pid, ours
@@ -181,10 +173,10 @@ class _Loop:
         the env's process its socket."""
         if kind in self.spares:
             return
-        spare = self._fork_spare(kind)
-        if spare is None:
+        child = self._fork_spare(kind)
+        if child is None:
             return  # the next request of this kind comes here, and says if forks still fail
-        pid, sock = spare
+        pid, sock = child
         offer = json.dumps({"type": "spare", "pid": pid, "kind": list(kind)}).encode()
         try:
             socket.send_fds(self.channel, [offer], [sock.fileno()])
@@ -244,47 +236,14 @@ class _Loop:
         if isinstance(request.get("environment"), dict):
             self.environment = request["environment"]
 
-    def _wait_as_spare(self, sock: socket.socket, inherited: list[int],
-                       kind: tuple[bool, bool]) -> None:
-        """In a spare child: shed the zygote (and ``inherited``), wait for a request, become
-        its worker."""
-        code = 1
-        try:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            # Detach before closing: a socket object collected later would close whatever
-            # fd then has the same number.
-            for owned in (self.channel, *self.watchers.values()):
-                os.close(owned.detach())
-            for fd in (*inherited, self.wake_r, self.wake_w):
-                os.close(fd)
-            _set_process_name(SPARE_NAME)
-            _set_environment(self.environment)
-            _reseed()
-            isolation.hold_session_priority()
-            built = walls.build(*kind)
-            # Measured on 2 CPUs: warming up at once, beside the worker started just before,
-            # beats waiting for a quiet moment, which back-to-back resets never leave.
-            warm = not select.select([sock], [], [], 0)[0]
-            if warm:
-                _warm_up()
-            # Counted ahead too (a read of /proc, ~0.3 ms): nothing here starts a thread.
-            single_threaded = _threads() == 1
-            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, _MAX_FDS)
-            sock.close()
-            if data and len(fds) >= 3:
-                control, out, err, *joining = fds
-                _become_worker(json.loads(data), control, out, err, warm, built, joining,
-                               single_threaded)
-            code = 0
-        except BaseException:  # noqa: BLE001 - the parent reads it from the stderr pipe
-            try:
-                traceback.print_exc()
-                sys.stderr.flush()
-            except BaseException:  # noqa: BLE001
-                pass
-        finally:
-            os._exit(code)
+    def _shed(self, inherited: list[int]) -> None:
+        """In a child just forked: close the zygote's fds (and ``inherited``)."""
+        # Detach before closing: a socket object collected later would close whatever fd
+        # then has the same number.
+        for owned in (self.channel, *self.watchers.values()):
+            os.close(owned.detach())
+        for fd in (*inherited, self.wake_r, self.wake_w):
+            os.close(fd)
 
     def _watch(self, pid: int, status_sock: socket.socket) -> None:
         if pid in self.exits:
@@ -321,8 +280,8 @@ class _Loop:
             if pid == 0:
                 return
             returncode = os.waitstatus_to_exitcode(status)
-            for kind, spare in list(self.spares.items()):
-                if spare == pid:
+            for kind, offered in list(self.spares.items()):
+                if offered == pid:
                     del self.spares[kind]  # its offer is void: the next request comes here
             sock = self.watchers.pop(pid, None)
             if sock is None:
@@ -340,52 +299,6 @@ class _Loop:
             _kill(pid)
 
 
-def _become_worker(request: dict[str, Any], control: int, out: int, err: int,
-                   warm: bool, built: walls.Walls, joining: list[int],
-                   single_threaded: bool) -> None:
-    """In a child of the zygote: take the episode's place, then serve it."""
-    # Into the episode's cgroup first, by this process itself (see Cgroup.joining_fds); the
-    # ready message says so, or the parent moves it.
-    # "0" moves the calling thread alone: only a process of one thread joins that way.
-    joined = bool(joining) and single_threaded
-    for fd in joining:
-        if joined:
-            try:
-                os.write(fd, b"0")
-            except OSError:
-                joined = False
-        os.close(fd)
-    _set_process_name(os.path.basename(sys.executable))
-    os.dup2(out, 1)
-    os.dup2(err, 2)
-    os.close(out)
-    os.close(err)
-    os.setsid()
-    os.chdir(request["workdir"])
-    _set_environment(request["environment"])
-    worker.start(socket.socket(fileno=control), request["config"], warm=warm, walls=built,
-                 joined_cgroup=joined)
-
-
-def _set_environment(wanted: dict[str, str]) -> None:
-    """Make ``os.environ`` exactly ``wanted``, setting only what differs."""
-    for name in [name for name in os.environ if name not in wanted]:
-        del os.environ[name]
-    for name, value in wanted.items():
-        if os.environ.get(name) != value:
-            os.environ[name] = value
-
-
-def _threads() -> int:
-    """The number of threads of this process (0 if it cannot be read)."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rfind(b")") + 2:].split()[17])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def _kill(pid: int) -> None:
     """SIGKILL a child of the zygote and its process group (a worker leads one of its own,
     from its first moments; a spare does not yet)."""
@@ -396,31 +309,8 @@ def _kill(pid: int) -> None:
             pass
 
 
-def _set_process_name(name: str) -> None:
-    """Through the process's one C library handle: the zygote names itself first, so its
-    children find ``prctl`` looked up (a new handle would build a ctypes class in each)."""
-    try:
-        libc().prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _send_quietly(sock: socket.socket, message: dict[str, Any]) -> None:
     try:
         sock.send(json.dumps(message).encode())
     except OSError:
         pass
-
-
-def _warm_up() -> None:
-    """Take now, while idle, the copy-on-write faults a new worker's start-up and first step
-    would take: run the step machinery, and a step through a throwaway worker."""
-    worker.warm_up()
-    worker.rehearse()
-
-
-def _reseed() -> None:
-    """Fresh random state per worker: ``random`` reseeds itself at fork, NumPy does not."""
-    numpy_random = sys.modules.get("numpy.random")
-    if numpy_random is not None:
-        numpy_random.seed()
