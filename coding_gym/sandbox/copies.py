@@ -113,11 +113,8 @@ class Copies:
         return None
 
     def settle(self) -> None:
-        """Take the worker's scheduling policy back after a snapshot, once its reply is sent.
-
-        Not sooner: a batch process yields its CPU to the copy just forked there, until that
-        copy has frozen (~1 ms), and the reply would wait for it.
-        """
+        """Back to the worker's scheduling policy after a snapshot, its reply sent: not sooner,
+        or as a batch process it would yield its CPU to the copy until that has frozen (~1 ms)."""
         if self._unsettled:
             self._unsettled = False
             _set_policy(self._policy)

@@ -6,6 +6,8 @@ import os
 import signal
 from collections.abc import Collection
 
+from coding_gym.sandbox.cgroups import write_file
+
 
 def _parent_pids() -> dict[int, int]:
     """Map every live pid to its parent pid, read from /proc."""
@@ -158,10 +160,6 @@ def restore_session_weight(pid: int) -> None:
     sessions, or refuses, nothing changes.
     """
     try:
-        fd = os.open(f"/proc/{pid}/autogroup", os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
+        write_file(f"/proc/{pid}/autogroup", b"0")
     except OSError:
         pass
