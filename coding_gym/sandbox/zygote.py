@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from coding_gym.sandbox import bootstrap, isolation
-from coding_gym.sandbox.zygote_loop import MAX_MESSAGE
+from coding_gym.sandbox.spare import MAX_MESSAGE
 
 logger = logging.getLogger(__name__)
 
