@@ -31,12 +31,15 @@ with open("/proc/self/maps") as f:
         start, end = (int(x, 16) for x in fields[0].split("-"))
         maps.append((start, end, fields[1], len(fields)))
 # A thread's heap: a 64 MiB reservation at a 64 MiB boundary, its used part read-write and
-# the rest inaccessible (a thread's stack, by chance aligned, has its guard below it).
+# the rest inaccessible. Each thread here uses far less than 64 MiB, so the inaccessible rest
+# is always there; that tells a heap from other anonymous memory that happens to be aligned
+# and 64 MiB long (numpy's BLAS maps such buffers). A thread's stack, by chance aligned, has
+# its guard below it.
 heaps = 0
 for (start, end, perms, n), after in zip(maps, maps[1:] + [(0, 0, "", 0)]):
-    if perms == "rw-p" and n == 5 and start % (64 << 20) == 0:
-        whole = end if after[0] != end or after[2] != "---p" else after[1]
-        heaps += whole - start == 64 << 20
+    if (perms == "rw-p" and n == 5 and start % (64 << 20) == 0
+            and after[0] == end and after[2] == "---p"):
+        heaps += after[1] - start == 64 << 20
 barrier.wait()
 for t in threads:
     t.join()
