@@ -65,6 +65,24 @@ def test_restore_after_reset_and_after_a_crash(backend):
     snapshot.release()
 
 
+@pytest.mark.parametrize("ending", ["interrupt", "reset", "process group killed"])
+def test_a_snapshot_outlives_the_worker_it_was_just_restored_into(backend, ending):
+    # The restored worker forks the snapshot's next frozen process once it is ready; ending
+    # that worker at once, cgroup and process group included, must leave the snapshot whole.
+    backend.run("kept = 'yes'")
+    with backend.snapshot() as snapshot:
+        for _ in range(3):
+            backend.restore(snapshot)
+            if ending == "interrupt":
+                backend.interrupt()
+            elif ending == "reset":
+                backend.reset()
+            else:
+                assert backend.run("import os, signal\nos.killpg(0, signal.SIGKILL)").state_lost
+        backend.restore(snapshot)
+        assert backend.run("print(kept)").stdout == "yes\n"
+
+
 def test_forks_are_independent_and_diverge(backend):
     backend.run("items = [0]")
     forks = [backend.fork() for _ in range(2)]

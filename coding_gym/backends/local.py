@@ -311,6 +311,7 @@ class LocalBackend:
     def _wake(self, copy: FrozenCopy, before_joining: Callable[[], None] | None = None
               ) -> WorkerProcess:
         worker = WorkerProcess.wake(copy, cgroup=self._cgroup(), zygote=self._zygote(),
+                                    parking=self._parking() if copy.reusable else None,
                                     before_joining=before_joining)
         self._note_isolation(worker)
         return worker

@@ -6,10 +6,9 @@ copy-on-write.
 
 - A *frozen copy* (a snapshot) waits on a socket whose other end the parent holds. It exits
   when the parent closes that end, also when the parent's process dies.
-- When the parent wakes it, sending a control socket and two output pipes, it becomes the live
-  worker that talks over them, after forking its successor, the frozen copy that waits on the
-  socket in its place. So a snapshot can be restored any number of times, and a restore does
-  not wait for a new process to start.
+- Woken by the parent, which sends a control socket and two output pipes, it becomes the live
+  worker that talks over them, then forks its successor, which waits on the socket in its
+  place: a snapshot can be restored any number of times, without waiting for a fork.
 - Copies leave the process tree of the worker, which the parent kills as a whole. They are
   forked *beside* the process they copy (``clone`` with ``CLONE_PARENT``): children of its
   parent, the zygote, which reaps them and reports their exit status like those of the workers
@@ -166,45 +165,47 @@ class Copies:
         """Hold the interpreter as it is until the parent wakes the copy, then become the
         worker it asks for. Returns only in that worker; exits when the parent lets go.
 
-        Woken to be restored again later, the copy first forks its *successor*, which freezes
-        in its place (on the same socket, introducing itself again), then it serves: the new
-        worker does not wait for a new process to start, only for its successor to leave its
-        process group, the first thing the successor does (the parent kills a worker's group,
-        and agent code may too). A fork that fails ends the snapshot.
+        Woken to be restored again later, the new worker forks its *successor* once it is
+        ready, so a restore does not wait for a fork. The successor freezes in its place (on
+        the same socket, introducing itself again), and the parent parks it before it next
+        kills the worker's cgroup. The worker reads its first request once the successor
+        has left its process group (the parent kills a worker's group, and agent code may
+        too). A fork that fails ends the snapshot.
         """
-        gone = -1
-        try:
-            self._introduce(wake)  # first: a restore waits for it
-            sigchld = self._go_quiet()
-            while True:
-                request, fds = wake.recv()
-                if request is None:
-                    _exit(0)
-                if request.get("cmd") != "wake" or len(fds) != 3:
+        while True:
+            try:
+                self._introduce(wake)  # first: a restore waits for it
+                sigchld = self._go_quiet()
+                while True:
+                    request, fds = wake.recv()
+                    if request is None:
+                        _exit(0)
+                    if request.get("cmd") == "wake" and len(fds) == 3:
+                        break
                     for fd in fds:
                         os.close(fd)
-                    continue
-                if not request.get("again"):
-                    break
-                gone, leaving = os.pipe()
-                if not self._fork_successor(leaving):
-                    os.close(leaving)
-                    break
-                os.close(gone)  # the successor: frozen like its predecessor, but for these fds
-                gone = -1
-                for fd in fds:
-                    os.close(fd)
-                self._introduce(wake)
-        except BaseException:  # noqa: BLE001 - a frozen copy never returns by accident
-            _exit(1)
+            except BaseException:  # noqa: BLE001 - a frozen copy never returns by accident
+                _exit(1)
+            _restore_handler(_SIGCHLD, sigchld)
+            self._attach(fds)
+            self._send_ready()
+            _set_policy(self._policy)  # after the reply: see settle
+            if not request.get("again") or not self._leave_successor():
+                break
+            _set_policy(_SCHED_OTHER)  # the successor: frozen as its predecessor was
         wake.close()  # the successor's now, if there is one
-        _restore_handler(_SIGCHLD, sigchld)
-        self._attach(fds)
-        if gone >= 0:
-            os.read(gone, 1)  # nothing to read: returns once the successor closed its end
+
+    def _leave_successor(self) -> bool:
+        """Fork the successor: True in it; in the worker, False once it has left our process
+        group (or could not be forked)."""
+        gone, leaving = os.pipe()
+        if self._fork_successor(leaving):
             os.close(gone)
-        self._send_ready()
-        _set_policy(self._policy)  # after: see settle
+            return True
+        os.close(leaving)
+        os.read(gone, 1)  # nothing to read: returns once the successor closed its end
+        os.close(gone)
+        return False
 
     @staticmethod
     def _introduce(wake: Channel) -> None:

@@ -9,9 +9,10 @@ the parent closes its end (also when the parent's process dies), and is killed t
 pidfd on :meth:`release` in case it was stopped.
 
 Copies are moved into a *parking* cgroup: the worker's own cgroup is killed as a whole when
-the worker is, and the copies must survive that. A successor is born there, forked by its
-predecessor before the woken worker leaves for the worker's cgroup. Nothing the copy says is
-trusted for its identity: its pid comes from the kernel (``SCM_CREDENTIALS``).
+the worker is, and the copies must survive that. A successor is forked by the woken worker
+once it is ready, so it is parked like a new snapshot, before the worker's cgroup is next
+killed. Nothing the copy says is trusted for its identity: its pid comes from the kernel
+(``SCM_CREDENTIALS``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class FrozenCopy:
         self.pid: int | None = None
         self.pidfd: int | None = None
         self.parked = False
+        #: How many times a process of this handle was woken.
+        self.wakes = 0
         #: Introductions still to be read from processes that were woken before it was.
         self._stale = 0
         self._lock = threading.Lock()
@@ -80,7 +83,9 @@ class FrozenCopy:
         closed). The new worker says it is ready on the control socket.
 
         The frozen process becomes that worker: from here on the handle is about its
-        successor (if ``reusable``), which is born parked, or about nothing.
+        successor (if ``reusable``), or about nothing. The worker forks the successor once it
+        is ready, perhaps once it has joined its cgroup: :meth:`park` it before that cgroup
+        is next killed.
         """
         with self._lock:
             if self.pid is None:
@@ -97,6 +102,8 @@ class FrozenCopy:
             if self.pidfd is not None:
                 os.close(self.pidfd)
             self.pid = self.pidfd = None
+            self.parked = False
+            self.wakes += 1
 
     def release(self) -> None:
         """Let the copy go; safe to call twice."""

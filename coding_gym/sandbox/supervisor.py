@@ -54,7 +54,9 @@ class WorkerProcess:
         self._exit = exit_watch
         self.inbox = Inbox(self.sock)
         self._oom_base = 0
-        self._unparked: list[tuple[FrozenCopy, Cgroup | None]] = []
+        #: Copies born in this worker's cgroup, each with its number of wake-ups then: once
+        #: woken again, a copy's handle is about a successor of another worker's.
+        self._unparked: list[tuple[FrozenCopy, Cgroup | None, int]] = []
         self._copy_pids: set[int] = set()
         #: The worker was given its cgroup's files to join it by itself (at start-up).
         self._joins_itself = False
@@ -150,8 +152,10 @@ class WorkerProcess:
 
     @classmethod
     def wake(cls, copy: FrozenCopy, *, cgroup: Cgroup | None, zygote: Zygote | None,
+             parking: Cgroup | None = None,
              before_joining: Callable[[], None] | None = None) -> WorkerProcess:
-        """The worker that a (parked) frozen copy becomes, in ``cgroup``.
+        """The worker that a (parked) frozen copy becomes, in ``cgroup``; the successor it
+        leaves for a reusable copy goes to ``parking`` before ``cgroup`` is next killed.
 
         ``before_joining`` runs once the copy is ready, before it enters ``cgroup`` (or once
         it has failed): the worker being replaced is killed there, cgroup included. Not
@@ -167,7 +171,11 @@ class WorkerProcess:
                 raise
             finally:
                 channels.close_child_ends()
-            return cls._adopt(channels, cgroup, zygote, "the frozen copy", run_before_joining)
+            worker = cls._adopt(channels, cgroup, zygote, "the frozen copy",
+                                run_before_joining)
+            if copy.reusable:
+                worker._unparked.append((copy, parking, copy.wakes))
+            return worker
         finally:
             run_before_joining()
 
@@ -355,7 +363,7 @@ class WorkerProcess:
             _close(fds)
             raise SnapshotError(f"no snapshot: {reply.get('message', 'no copy was made')}")
         copy = FrozenCopy(fds[0], reusable=True)
-        self._unparked.append((copy, parking))
+        self._unparked.append((copy, parking, copy.wakes))
         return copy
 
     # -- Ending --------------------------------------------------------------------------------
@@ -381,7 +389,9 @@ class WorkerProcess:
                 self._signal_tree()
 
     def _signal_tree(self) -> None:
-        for copy, parking in self._unparked:
+        for copy, parking, wakes in self._unparked:
+            if copy.wakes != wakes:
+                continue
             # Out of the cgroup about to be killed; and a copy still in the making is below
             # this worker in the tree, so its pid must be known to be spared.
             if copy.park(parking) and copy.pid is not None:
