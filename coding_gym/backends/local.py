@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -29,6 +30,10 @@ _ZYGOTE_HEADROOM_BYTES = 64 << 20
 #: Frozen copies a backend may hold at once (their parking cgroup's pids limit).
 _MAX_PARKED = 4096
 _MB = 1 << 20
+#: A wait before a step's code starts that is too short to count against its time limit:
+#: only a fresh interpreter's start, or a busy server, takes longer.
+UNCOUNTED_WAIT_S = 0.01
+_monotonic = time.monotonic
 _ROLLED_BACK_NOTE = ("[coding_gym] the step was rolled back: the interpreter is as it was "
                      "before it.\n")
 
@@ -138,30 +143,52 @@ class LocalBackend:
         if self._episode.home is not None:
             self._live_worker()  # returns the worker at once if it is alive
 
-    def run(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
+    def run(self, code: str, *, timeout_s: float | None = None,
+            asked_at: float | None = None) -> ExecResult:
         """Run ``code`` in the episode's interpreter.
 
         After a hard kill (timeout, crash, out of memory) the result says ``state_lost``; the
         next call runs in a fresh interpreter in the same working directory. With
         ``transactional``, the interpreter is rolled back instead.
+
+        The time limit counts from ``asked_at`` (``time.monotonic()``; default: now), so that
+        a step returns within it (plus the hard-kill grace) even when it first waits for a
+        fresh interpreter: the code gets what is left. A wait under
+        :data:`UNCOUNTED_WAIT_S` is not counted.
         """
-        step = self.begin(code, timeout_s=timeout_s)
+        step = self.begin(code, timeout_s=timeout_s, asked_at=asked_at)
         return self.finish(step, step.wait())
 
-    def begin(self, code: str, *, timeout_s: float | None = None) -> StepRun:
+    def begin(self, code: str, *, timeout_s: float | None = None,
+              asked_at: float | None = None) -> StepRun:
         """Send ``code`` to the worker without waiting: the first half of :meth:`run`.
 
         Drive the step with :func:`coding_gym.sandbox.fanout.run_many` (which can drive steps
         of many backends at once), then pass it with its result to :meth:`finish`.
         """
-        worker = self._live_worker()
+        worker = self._episode.worker
+        if worker is None or not worker.alive or self._closed:
+            if asked_at is None:
+                asked_at = _monotonic()
+            worker = self._live_worker()
         limits = self.limits if timeout_s is None else self.limits.with_timeout(timeout_s)
+        if asked_at is not None:
+            spent = _monotonic() - asked_at
+            if spent >= UNCOUNTED_WAIT_S:
+                return worker.begin(code, limits, snapshot=self.transactional,
+                                    parking=self._parking() if self.transactional else None,
+                                    spent_s=spent)
         if not self.transactional:
             return worker.begin(code, limits)
         return worker.begin(code, limits, snapshot=True, parking=self._parking())
 
     def finish(self, step: StepRun, result: ExecResult) -> ExecResult:
         """The second half of :meth:`run`: roll back a failed transactional step."""
+        # (A step with no time left at all says so itself, and took no time.)
+        if step.spent_s and result.kill_reason == "timeout" and result.wall_time_s > 0:
+            result.stderr += (f"[coding_gym] {step.spent_s:.2f} s of the step's "
+                              f"{step.limits.timeout_s:g} s time limit went by before its code "
+                              "started, waiting for a fresh interpreter.\n")
         if not self.transactional:
             return result
         result.extra["rolled_back"] = False

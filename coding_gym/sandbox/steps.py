@@ -43,6 +43,8 @@ _CAUSES = {
     "memory": "the interpreter ran out of memory and was killed",
     "signal": "the interpreter was killed by signal {signal}",
     "crash": "the interpreter exited with status {status}",
+    "unstarted": "the step's {timeout:g} s time limit ran out before it could start (it "
+                 "waited {spent:.2f} s, for a fresh interpreter)",
 }
 LOST = "variables from earlier steps are gone"
 ROLLED_BACK = "it was restored to its state before this step"
@@ -107,7 +109,7 @@ def drain(fd: int, capture: Capture, pending: Any = -1) -> None:
             return  # a short read emptied the pipe: spare the read that would say so
 
 
-def note(kind: KillReason, consequence: str, **details: Any) -> str:
+def note(kind: str, consequence: str, **details: Any) -> str:
     """The line the sandbox adds to stderr when it stopped the interpreter."""
     return f"[coding_gym] {_CAUSES[kind].format(**details)}; {consequence}.\n"
 
@@ -118,13 +120,19 @@ class StepRun:
     With ``snapshot``, the worker leaves a frozen copy of itself before running the code
     (a transactional step): if the step then has to be killed, the copy is first moved out of
     the way (into ``parking``), and the caller can wake it in place of the dead worker.
+
+    ``spent_s``: how much of the time limit went by before the step could start (waiting for
+    a fresh interpreter): the code gets the rest. With nothing left, the code is not sent,
+    and the step ends at once, stopped by its time limit.
     """
 
     __slots__ = ("worker", "limits", "out", "err", "started", "deadline", "quiet_until",
-                 "result", "wake_fd", "frozen", "parking", "snapshot", "_snapshot_error")
+                 "result", "wake_fd", "frozen", "parking", "snapshot", "_snapshot_error",
+                 "spent_s")
 
     def __init__(self, worker: WorkerProcess, code: str, limits: Limits, *,
-                 snapshot: bool = False, parking: Cgroup | None = None) -> None:
+                 snapshot: bool = False, parking: Cgroup | None = None,
+                 spent_s: float = 0.0) -> None:
         self.worker = worker
         self.limits = limits
         self.out = Capture(limits.max_output_bytes)
@@ -135,12 +143,20 @@ class StepRun:
         self.parking = parking
         self.snapshot = snapshot
         self._snapshot_error = ""
+        self.spent_s = spent_s
         self.started = _perf_counter()
         now = _monotonic()
-        self.deadline = now + limits.timeout_s + HARD_KILL_GRACE_S
+        budget = limits.timeout_s if not spent_s else round(limits.timeout_s - spent_s, 3)
+        self.deadline = now + budget + HARD_KILL_GRACE_S
         self.quiet_until = now + QUIET_S
-        request = encode_run(code, limits.timeout_s, snapshot)
-        if not worker.send(request, limits.timeout_s + HARD_KILL_GRACE_S):
+        if budget <= 0:
+            self.err.note(note("unstarted", "its code did not run", timeout=limits.timeout_s,
+                               spent=spent_s))
+            self.result = ExecResult(stderr=self.err.text(), exit_code=1, wall_time_s=0.0,
+                                     kill_reason="timeout")
+            return
+        request = encode_run(code, budget, snapshot)
+        if not worker.send(request, budget + HARD_KILL_GRACE_S):
             self._die()
 
     def on_event(self, fd: int) -> None:

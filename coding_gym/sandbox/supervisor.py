@@ -340,11 +340,12 @@ class WorkerProcess:
         return {"type": "error", "message": "the worker is gone"}, []
 
     def begin(self, code: str, limits: Limits, *, snapshot: bool = False,
-              parking: Cgroup | None = None) -> StepRun:
-        """Send ``code``; drive the returned step with :func:`fanout.run_many`."""
-        if not snapshot:
+              parking: Cgroup | None = None, spent_s: float = 0.0) -> StepRun:
+        """Send ``code``; drive the returned step with :func:`fanout.run_many`. ``spent_s``:
+        see :class:`StepRun`."""
+        if not snapshot and not spent_s:
             return StepRun(self, code, limits)  # no keywords: a class call makes them a dict
-        return StepRun(self, code, limits, snapshot=snapshot, parking=parking)
+        return StepRun(self, code, limits, snapshot=snapshot, parking=parking, spent_s=spent_s)
 
     def run(self, code: str, limits: Limits) -> ExecResult:
         """Run ``code`` to completion, timeout or death; the worker may be dead afterwards."""

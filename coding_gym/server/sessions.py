@@ -61,6 +61,8 @@ class Session:
         self.step_count = 0
         self.last_exit_code: int | None = None
         self.last_active = time.monotonic()
+        #: When the last call of the client ended.
+        self.answered_at = 0.0
         self.busy = False
         #: Its client left or it is being closed: its slot is about to be free.
         self.closing = False
@@ -76,11 +78,14 @@ class Session:
         self.last_exit_code = None
         return reset_reply(self.episode_id)
 
-    def step(self, code: str, timeout_s: float | None = None) -> dict[str, Any]:
-        """Run ``code`` (starting an episode first if none has started); the step reply."""
+    def step(self, code: str, timeout_s: float | None = None,
+             asked_at: float | None = None) -> dict[str, Any]:
+        """Run ``code`` (starting an episode first if none has started); the step reply.
+        The time limit counts from ``asked_at`` (see :meth:`LocalBackend.run`)."""
         if self.episode_id is None:
             self.reset()
-        return self.record(self.backend.run(code, timeout_s=self.limit_s(timeout_s)))
+        return self.record(self.backend.run(code, timeout_s=self.limit_s(timeout_s),
+                                            asked_at=asked_at))
 
     def limit_s(self, timeout_s: float | None) -> float:
         """The time limit of a step: a client may shorten the server's, never lengthen it."""
@@ -139,10 +144,12 @@ class _Turn:
     microseconds on every step.
     """
 
-    __slots__ = ("session",)
+    __slots__ = ("session", "client")
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, client: bool = True) -> None:
         self.session = session
+        #: A call of the session's client, not one the server makes on its own.
+        self.client = client
 
     async def __aenter__(self) -> None:
         await self.session.lock.acquire()
@@ -152,6 +159,8 @@ class _Turn:
         session = self.session
         session.busy = False
         session.last_active = time.monotonic()
+        if self.client:
+            session.answered_at = session.last_active
         session.lock.release()
 
 
@@ -231,14 +240,23 @@ class SessionManager:
 
     async def step(self, session: Session, code: str,
                    timeout_s: float | None = None) -> dict[str, Any]:
-        """:meth:`Session.step`, with the reply read on the event loop when it can be."""
+        """:meth:`Session.step`, with the reply read on the event loop when it can be.
+
+        Its time limit counts from when it was asked for, or from the end of the client's
+        previous call if that came later: waiting for a new interpreter in place of the one
+        the last step killed uses it up too, so that the reply comes within it.
+        """
+        arrived = time.monotonic()
         async with self._turn(session):
+            asked_at = max(arrived, session.answered_at)
             backend = session.backend
             if session.episode_id is None or not stepping.ready_on_loop(backend, code):
-                reply = await self._in_pool(session, partial(session.step, code, timeout_s))
+                reply = await self._in_pool(session, partial(session.step, code, timeout_s,
+                                                             asked_at))
             else:
                 reply = session.record(await stepping.drive(
-                    backend, code, session.limit_s(timeout_s), self._pool, session.watch))
+                    backend, code, session.limit_s(timeout_s), self._pool, session.watch,
+                    asked_at))
         if reply["info"].get("state_lost"):
             # The step killed the interpreter: start its successor while the reply travels.
             task = asyncio.get_running_loop().create_task(self._replace(session))
@@ -248,7 +266,7 @@ class SessionManager:
 
     async def _replace(self, session: Session) -> None:
         """Start the interpreter of a session whose last step killed it, in its turn."""
-        async with self._turn(session):
+        async with _Turn(session, client=False):
             if session.closing or session.id not in self._sessions:
                 return
             try:

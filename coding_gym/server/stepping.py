@@ -46,14 +46,15 @@ def ready_on_loop(backend: LocalBackend, code: str) -> bool:
 
 
 async def drive(backend: LocalBackend, code: str, timeout_s: float, executor: Executor,
-                watch: WorkerWatch) -> ExecResult:
+                watch: WorkerWatch, asked_at: float | None = None) -> ExecResult:
     """Run ``code`` on ``backend`` (see :func:`ready_on_loop`): the reply is read on the
     loop if it comes whole and alone, before any output has to be drained; otherwise a
     thread of ``executor`` finishes the step.
 
-    ``watch`` is the backend's, kept by the caller from one step to the next.
+    ``watch`` is the backend's, kept by the caller from one step to the next. The time limit
+    counts from ``asked_at`` (see :meth:`LocalBackend.run`).
     """
-    step = backend.begin(code, timeout_s=timeout_s)
+    step = backend.begin(code, timeout_s=timeout_s, asked_at=asked_at)
     fields = None
     try:
         if step.result is None and await _replied(step, watch):

@@ -167,6 +167,29 @@ def test_hard_timeout_when_agent_ignores_the_timer(backend):
     assert result.kill_reason == "timeout" and result.state_lost
 
 
+def test_the_time_limit_counts_from_when_the_step_was_asked_for(backend):
+    # A server passes the moment a step arrived: time spent waiting for a fresh interpreter
+    # is part of the step's limit, so that its reply still comes within it.
+    backend.run("x = 1")
+    result = backend.run("import time\ntime.sleep(30)", timeout_s=1.5,
+                         asked_at=time.monotonic() - 1.0)
+    assert result.kill_reason == "timeout" and not result.state_lost
+    assert result.wall_time_s < 1.5  # the 0.5 s left, not the whole limit
+    assert "1.00 s of the step's 1.5 s time limit went by before its code started" \
+        in result.stderr
+    assert backend.run("print(x)").stdout == "1\n"
+
+
+def test_a_step_whose_time_limit_ran_out_before_it_started_does_not_run(backend):
+    backend.run("x = 1")
+    result = backend.run("open('ran', 'w').write('yes')\nx = 2", timeout_s=1.0,
+                         asked_at=time.monotonic() - 1.2)
+    assert result.kill_reason == "timeout" and result.exit_code == 1
+    assert not result.state_lost
+    assert "time limit ran out before it could start" in result.stderr
+    assert backend.run("import os\nprint(x, os.path.exists('ran'))").stdout == "1 False\n"
+
+
 def test_timer_signals_reset_by_a_step_do_not_end_the_idle_interpreter(backend):
     # The step's timers stay armed after it; their handler must be back before they fire.
     code = "import signal\nfor s in (signal.SIGALRM, signal.SIGPROF):\n" \

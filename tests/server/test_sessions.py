@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from coding_gym.models import Limits
-from coding_gym.server.sessions import CapacityReached, SessionManager
+from coding_gym.server.sessions import CapacityReached, SessionManager, _Turn
 
 
 def run(coroutine):
@@ -60,6 +60,44 @@ def test_the_interpreter_a_step_killed_is_replaced_before_the_next_step():
         reply = await manager.step(session, "print(1)")
         assert reply["observation"]["stdout"] == "1\n"
         assert session.backend.worker_pid == successor
+        await manager.shutdown()
+
+    run(scenario())
+
+
+def test_a_step_waiting_for_a_fresh_interpreter_spends_its_time_limit_on_it():
+    async def scenario() -> None:
+        manager = SessionManager(Limits(timeout_s=1.0), max_sessions=1, idle_timeout_s=60)
+        session = await manager.open()
+        await manager.call(session, session.reset)
+
+        async def replacing() -> None:  # holds the turn as the replacement of a killed
+            async with _Turn(session, client=False):  # interpreter does
+                await asyncio.sleep(1.2)
+
+        held = asyncio.ensure_future(replacing())
+        await asyncio.sleep(0.05)
+        reply = await manager.step(session, "print('ran')")
+        await held
+        assert reply["observation"]["stdout"] == ""
+        assert "time limit ran out before it could start" in reply["observation"]["stderr"]
+        assert reply["info"]["kill_reason"] == "timeout"
+        assert (await manager.step(session, "print('ran')"))["observation"]["stdout"] == "ran\n"
+        await manager.shutdown()
+
+    run(scenario())
+
+
+def test_a_step_queued_behind_its_clients_earlier_call_gets_its_whole_time_limit():
+    async def scenario() -> None:
+        manager = SessionManager(Limits(timeout_s=3.0), max_sessions=1, idle_timeout_s=60)
+        session = await manager.open()
+        await manager.call(session, session.reset)
+        first = asyncio.ensure_future(manager.step(session, "import time\ntime.sleep(1.2)"))
+        await asyncio.sleep(0.05)
+        second = await manager.step(session, "print('second')", 1.0)
+        assert (await first)["observation"]["exit_code"] == 0
+        assert second["observation"]["stdout"] == "second\n"
         await manager.shutdown()
 
     run(scenario())
