@@ -120,7 +120,8 @@ class CodingEnv(gym.Env[Observation, str]):
       ``"docker"``, or a :class:`coding_gym.backends.Backend` instance (the env closes it).
     - ``timeout_s`` (10.0): wall-clock limit of one step. Python code is interrupted and keeps
       its variables; code that ignores the interrupt is killed 0.5 s later and the
-      interpreter is replaced (``info["state_lost"]``).
+      interpreter is replaced (``info["state_lost"]``). The limit includes the wait for
+      that replacement at the next step (the code gets what is left).
     - ``memory_mb`` (1024): memory limit of the interpreter.
     - ``max_output_bytes`` (1 MiB): stdout and stderr kept per step; the rest is dropped.
     - ``max_code_length`` (100,000): longest action accepted, in characters.
