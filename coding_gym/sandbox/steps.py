@@ -114,6 +114,13 @@ def note(kind: str, consequence: str, **details: Any) -> str:
     return f"[coding_gym] {_CAUSES[kind].format(**details)}; {consequence}.\n"
 
 
+def unstarted(timeout_s: float, spent_s: float) -> ExecResult:
+    """The result of a step whose time limit ran out before its code could be sent."""
+    return ExecResult(stderr=note("unstarted", "its code did not run", timeout=timeout_s,
+                                  spent=spent_s),
+                      exit_code=1, wall_time_s=0.0, kill_reason="timeout")
+
+
 class StepRun:
     """One step in flight on one worker. Create it, then pass it to :func:`run_many`.
 
@@ -150,10 +157,7 @@ class StepRun:
         self.deadline = now + budget + HARD_KILL_GRACE_S
         self.quiet_until = now + QUIET_S
         if budget <= 0:
-            self.err.note(note("unstarted", "its code did not run", timeout=limits.timeout_s,
-                               spent=spent_s))
-            self.result = ExecResult(stderr=self.err.text(), exit_code=1, wall_time_s=0.0,
-                                     kill_reason="timeout")
+            self.result = unstarted(limits.timeout_s, spent_s)
             return
         request = encode_run(code, budget, snapshot)
         if not worker.send(request, budget + HARD_KILL_GRACE_S):

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import ExecResult, Limits
+from coding_gym.sandbox import steps
 from coding_gym.server import stepping
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class Session:
         self.last_active = time.monotonic()
         #: When the last call of the client ended.
         self.answered_at = 0.0
+        #: The turn is held by a call of the client (not by the server's own).
+        self.serving_client = False
         self.busy = False
         #: Its client left or it is being closed: its slot is about to be free.
         self.closing = False
@@ -137,6 +140,10 @@ def reset_reply(episode_id: str) -> dict[str, Any]:
     }
 
 
+#: How often a step waiting behind a call of its own client looks at who holds the turn.
+_CLIENT_CALL_POLL_S = 0.1
+
+
 class _Turn:
     """``async with``: hold the session's lock and mark it busy.
 
@@ -154,14 +161,18 @@ class _Turn:
     async def __aenter__(self) -> None:
         await self.session.lock.acquire()
         self.session.busy = True
+        self.session.serving_client = self.client
 
     async def __aexit__(self, *exc: object) -> None:
-        session = self.session
-        session.busy = False
-        session.last_active = time.monotonic()
-        if self.client:
-            session.answered_at = session.last_active
-        session.lock.release()
+        _end_turn(self.session, self.client)
+
+
+def _end_turn(session: Session, client: bool) -> None:
+    session.busy = session.serving_client = False
+    session.last_active = time.monotonic()
+    if client:
+        session.answered_at = session.last_active
+    session.lock.release()
 
 
 class SessionManager:
@@ -247,7 +258,13 @@ class SessionManager:
         the last step killed uses it up too, so that the reply comes within it.
         """
         arrived = time.monotonic()
-        async with self._turn(session):
+        limit_s = session.limit_s(timeout_s)
+        if not await self._step_turn(session, arrived, limit_s):
+            now = time.monotonic()
+            result = steps.unstarted(limit_s, now - max(arrived, session.answered_at))
+            session.answered_at = now
+            return session.record(result)
+        try:
             asked_at = max(arrived, session.answered_at)
             backend = session.backend
             if session.episode_id is None or not stepping.ready_on_loop(backend, code):
@@ -255,14 +272,40 @@ class SessionManager:
                                                              asked_at))
             else:
                 reply = session.record(await stepping.drive(
-                    backend, code, session.limit_s(timeout_s), self._pool, session.watch,
-                    asked_at))
+                    backend, code, limit_s, self._pool, session.watch, asked_at))
+        finally:
+            _end_turn(session, client=True)
         if reply["info"].get("state_lost"):
             # The step killed the interpreter: start its successor while the reply travels.
             task = asyncio.get_running_loop().create_task(self._replace(session))
             self._replacing.add(task)
             task.add_done_callback(self._replacing.discard)
         return reply
+
+    @staticmethod
+    async def _step_turn(session: Session, arrived: float, limit_s: float) -> bool:
+        """Take the session's turn for a step asked for at ``arrived``; False if its time
+        limit runs out first, while the server holds the turn to replace a killed
+        interpreter. Waiting for the client's own earlier calls does not count."""
+        lock = session.lock
+        if not lock.locked():
+            await lock.acquire()  # free: no wait to bound
+        else:
+            while True:
+                started = max(arrived, session.answered_at)
+                # While a call of the client holds the turn, the limit has not started: look
+                # again now and then.
+                bound = (_CLIENT_CALL_POLL_S if session.serving_client
+                         else max(started + limit_s - time.monotonic(), 1e-3))
+                try:
+                    await asyncio.wait_for(lock.acquire(), bound)
+                    break
+                except asyncio.TimeoutError:
+                    if not session.serving_client and session.answered_at <= started:
+                        return False
+        session.busy = True
+        session.serving_client = True
+        return True
 
     async def _replace(self, session: Session) -> None:
         """Start the interpreter of a session whose last step killed it, in its turn."""

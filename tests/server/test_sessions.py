@@ -73,11 +73,12 @@ def test_a_step_waiting_for_a_fresh_interpreter_spends_its_time_limit_on_it():
 
         async def replacing() -> None:  # holds the turn as the replacement of a killed
             async with _Turn(session, client=False):  # interpreter does
-                await asyncio.sleep(1.2)
+                await asyncio.sleep(2.5)
 
         held = asyncio.ensure_future(replacing())
         await asyncio.sleep(0.05)
         reply = await manager.step(session, "print('ran')")
+        assert not held.done()  # the reply came within the limit, not after the wait
         await held
         assert reply["observation"]["stdout"] == ""
         assert "time limit ran out before it could start" in reply["observation"]["stderr"]
