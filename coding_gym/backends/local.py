@@ -15,8 +15,9 @@ from coding_gym.models import ExecResult, Isolation, Limits
 from coding_gym.sandbox import cgroups, isolation, steps, zygote
 from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.frozen import FrozenCopy
+from coding_gym.sandbox.startup import once
 from coding_gym.sandbox.steps import StepRun
-from coding_gym.sandbox.supervisor import WorkerProcess, once
+from coding_gym.sandbox.supervisor import WorkerProcess
 from coding_gym.sandbox.uids import UidLease
 
 logger = logging.getLogger(__name__)
