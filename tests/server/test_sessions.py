@@ -7,11 +7,19 @@ import asyncio
 import pytest
 
 from coding_gym.models import Limits
-from coding_gym.server.sessions import CapacityReached, SessionManager, _Turn
+from coding_gym.server.sessions import CapacityReached, Session, SessionManager, _Turn
 
 
 def run(coroutine):
     return asyncio.run(coroutine)
+
+
+async def one_session(limits: Limits) -> tuple[SessionManager, Session]:
+    """A manager with one session, its episode started."""
+    manager = SessionManager(limits, max_sessions=1, idle_timeout_s=60)
+    session = await manager.open()
+    await manager.call(session, session.reset)
+    return manager, session
 
 
 def test_at_capacity_a_new_session_is_refused_at_once():
@@ -43,9 +51,7 @@ def test_a_new_session_waits_for_the_slot_of_one_that_is_closing():
 
 def test_the_interpreter_a_step_killed_is_replaced_before_the_next_step():
     async def scenario() -> None:
-        manager = SessionManager(Limits(), max_sessions=1, idle_timeout_s=60)
-        session = await manager.open()
-        await manager.call(session, session.reset)
+        manager, session = await one_session(Limits())
         killed = session.backend.worker_pid
         reply = await manager.step(session, "import os\nos.kill(os.getpid(), 9)")
         assert reply["info"]["state_lost"]
@@ -67,9 +73,7 @@ def test_the_interpreter_a_step_killed_is_replaced_before_the_next_step():
 
 def test_a_step_waiting_for_a_fresh_interpreter_spends_its_time_limit_on_it():
     async def scenario() -> None:
-        manager = SessionManager(Limits(timeout_s=1.0), max_sessions=1, idle_timeout_s=60)
-        session = await manager.open()
-        await manager.call(session, session.reset)
+        manager, session = await one_session(Limits(timeout_s=1.0))
 
         async def replacing() -> None:  # holds the turn as the replacement of a killed
             async with _Turn(session, client=False):  # interpreter does
@@ -91,9 +95,7 @@ def test_a_step_waiting_for_a_fresh_interpreter_spends_its_time_limit_on_it():
 
 def test_a_step_queued_behind_its_clients_earlier_call_gets_its_whole_time_limit():
     async def scenario() -> None:
-        manager = SessionManager(Limits(timeout_s=3.0), max_sessions=1, idle_timeout_s=60)
-        session = await manager.open()
-        await manager.call(session, session.reset)
+        manager, session = await one_session(Limits(timeout_s=3.0))
         first = asyncio.ensure_future(manager.step(session, "import time\ntime.sleep(1.2)"))
         await asyncio.sleep(0.05)
         second = await manager.step(session, "print('second')", 1.0)
