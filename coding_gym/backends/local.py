@@ -173,23 +173,15 @@ class LocalBackend:
                 asked_at = _monotonic()
             worker = self._live_worker()
         limits = self.limits if timeout_s is None else self.limits.with_timeout(timeout_s)
-        if asked_at is not None:
-            spent = _monotonic() - asked_at
-            if spent >= UNCOUNTED_WAIT_S:
-                return worker.begin(code, limits, snapshot=self.transactional,
-                                    parking=self._parking() if self.transactional else None,
-                                    spent_s=spent)
+        spent = 0.0 if asked_at is None else _monotonic() - asked_at
+        if spent < UNCOUNTED_WAIT_S:
+            spent = 0.0
         if not self.transactional:
-            return worker.begin(code, limits)
-        return worker.begin(code, limits, snapshot=True, parking=self._parking())
+            return worker.begin(code, limits, spent_s=spent)
+        return worker.begin(code, limits, snapshot=True, parking=self._parking(), spent_s=spent)
 
     def finish(self, step: StepRun, result: ExecResult) -> ExecResult:
         """The second half of :meth:`run`: roll back a failed transactional step."""
-        # (A step with no time left at all says so itself, and took no time.)
-        if step.spent_s and result.kill_reason == "timeout" and result.wall_time_s > 0:
-            result.stderr += (f"[coding_gym] {step.spent_s:.2f} s of the step's "
-                              f"{step.limits.timeout_s:g} s time limit went by before its code "
-                              "started, waiting for a fresh interpreter.\n")
         if not self.transactional:
             return result
         result.extra["rolled_back"] = False

@@ -221,6 +221,8 @@ class StepRun:
             drain(worker.out_fd, out, out_pending)
         if err_pending != 0 or type(err_pending) is not int:
             drain(worker.err_fd, err, err_pending)
+        if kill_reason == "timeout" and self.spent_s:
+            err.note(self._spent_note())
         # Durations are integer nanoseconds from the worker, which agent code could forge.
         # Fields by position, in ExecResult's order: keywords cost a dict per step.
         self.result = ExecResult(
@@ -254,6 +256,12 @@ class StepRun:
         assert self.result is not None
         return self.result
 
+    def _spent_note(self) -> str:
+        """What a step stopped by its time limit says of the time it waited to start."""
+        return (f"[coding_gym] {self.spent_s:.2f} s of the step's {self.limits.timeout_s:g} s "
+                "time limit went by before its code started, waiting for a fresh "
+                "interpreter.\n")
+
     def expire(self) -> None:
         """The deadline passed: kill the worker (its copy survives) and report the timeout."""
         self._keep_copy()
@@ -263,6 +271,8 @@ class StepRun:
         drain(worker.err_fd, self.err)
         consequence = ROLLED_BACK if self.frozen is not None else LOST
         self.err.note(note("timeout", consequence, timeout=self.limits.timeout_s))
+        if self.spent_s:
+            self.err.note(self._spent_note())
         self.result = ExecResult(
             stdout=self.out.text(), stderr=self.err.text(), exit_code=128 + signal.SIGKILL,
             wall_time_s=_perf_counter() - self.started, stdout_truncated=self.out.truncated,
