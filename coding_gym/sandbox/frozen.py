@@ -166,11 +166,8 @@ def receive_with_pid(sock: socket.socket, timeout_s: float
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                 pid = _UCRED.unpack(payload[:_UCRED.size])[0]
-            elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds = array.array("i")
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-                for fd in fds:
-                    os.close(fd)
+        for fd in protocol.fds_in(ancillary):
+            os.close(fd)
         if not data:
             raise ConnectionError("the peer closed the socket")
         messages = reader.feed(data)

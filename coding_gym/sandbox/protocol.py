@@ -82,6 +82,16 @@ def decode_result(body: bytes | bytearray, offset: int = 1) -> dict[str, Any]:
             "wall_ns": wall_ns, "cpu_ns": cpu_ns, "out": out, "err": err}
 
 
+def fds_in(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds that came with a message: the ``SCM_RIGHTS`` of ``recvmsg``'s ancillary data.
+    The receiver owns them (and must close those it does not keep)."""
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+    return fds.tolist()
+
+
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
     sock.sendall(encode(message))
 
@@ -205,11 +215,8 @@ class Channel:
                     return (message if isinstance(message, dict) else {}), fds
             self._readable.poll()
             data, ancillary, _, _ = self.sock.recvmsg(self._RECV_BYTES, self._FD_SPACE)
-            for level, kind, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    received = array.array("i")
-                    received.frombytes(payload[:len(payload) - len(payload) % received.itemsize])
-                    self._fds.extend(received)
+            if ancillary:
+                self._fds.extend(fds_in(ancillary))
             if not data:
                 return None, []
             buffer += data

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from coding_gym.sandbox import bootstrap, isolation
+from coding_gym.sandbox.protocol import fds_in
 from coding_gym.sandbox.spare import MAX_MESSAGE
 
 logger = logging.getLogger(__name__)
@@ -141,10 +142,7 @@ class Zygote:
                                                              socket.MSG_DONTWAIT)
             except OSError:  # BlockingIOError: nothing more; else the zygote is gone
                 return
-            fds = array.array("i")
-            for level, kind_, payload in ancillary:
-                if level == socket.SOL_SOCKET and kind_ == socket.SCM_RIGHTS:
-                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+            fds = fds_in(ancillary)
             if not data:
                 for fd in fds:
                     os.close(fd)

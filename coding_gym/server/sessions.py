@@ -160,11 +160,15 @@ class _Turn:
 
     async def __aenter__(self) -> None:
         await self.session.lock.acquire()
-        self.session.busy = True
-        self.session.serving_client = self.client
+        _begin_turn(self.session, self.client)
 
     async def __aexit__(self, *exc: object) -> None:
         _end_turn(self.session, self.client)
+
+
+def _begin_turn(session: Session, client: bool) -> None:
+    session.busy = True
+    session.serving_client = client
 
 
 def _end_turn(session: Session, client: bool) -> None:
@@ -303,8 +307,7 @@ class SessionManager:
                 except asyncio.TimeoutError:
                     if not session.serving_client and session.answered_at <= started:
                         return False
-        session.busy = True
-        session.serving_client = True
+        _begin_turn(session, client=True)
         return True
 
     async def _replace(self, session: Session) -> None:
