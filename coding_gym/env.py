@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import uuid
@@ -15,8 +14,8 @@ from gymnasium.error import ResetNeeded
 
 from coding_gym import transforms
 from coding_gym.backends import Backend, make_backend
-from coding_gym.env_snapshot import EnvSnapshot, restored_rng, saved_rng
-from coding_gym.errors import BackendError, InvalidAction, SnapshotError
+from coding_gym.env_snapshot import EpisodeSnapshots
+from coding_gym.errors import BackendError, InvalidAction
 from coding_gym.models import ExecResult, Limits
 from coding_gym.spaces import AnyText
 from coding_gym.tasks.episode import TaskEpisodes
@@ -25,7 +24,7 @@ from coding_gym.tasks.task import Task
 from coding_gym.transforms import RewardTransform
 
 if TYPE_CHECKING:
-    from coding_gym.backends.local import LocalBackend
+    pass
 
 Observation = dict[str, Any]
 
@@ -33,7 +32,7 @@ Observation = dict[str, Any]
 _NOTE_ROOM = 4096
 
 
-class CodingEnv(gym.Env[Observation, str]):
+class CodingEnv(EpisodeSnapshots, gym.Env[Observation, str]):
     """Run Python code, step by step, in one persistent sandboxed interpreter per episode.
 
     ## Description
@@ -340,79 +339,6 @@ class CodingEnv(gym.Env[Observation, str]):
         lines = [">>> " + line for line in code.splitlines()] or [">>>"]
         text = "\n".join(lines) + "\n" + result.stdout + result.stderr
         return text + f"[exit code {result.exit_code}, {result.wall_time_s:.3f} s]\n"
-
-    # Snapshots: the whole episode, interpreter included (local backend only).
-
-    def snapshot(self) -> EnvSnapshot:
-        """Save the episode: the interpreter (variables, imports, random state), the step
-        count, the episode id, the task and its graded steps, and ``np_random``.
-
-        Costs a fork of the interpreter (copy-on-write): a few milliseconds. Give the result
-        to :meth:`restore`, as many times as needed; release it when done (or use ``with``).
-        Files of the working directory are not saved.
-        """
-        backend = self._local_backend("snapshot")
-        return EnvSnapshot(backend.snapshot(), self._episode_state())
-
-    def restore(self, snapshot: EnvSnapshot) -> None:
-        """Bring back the episode saved by :meth:`snapshot` (the snapshot stays usable)."""
-        if not isinstance(snapshot, EnvSnapshot):
-            raise TypeError(
-                f"Expected an EnvSnapshot from CodingEnv.snapshot(), got {type(snapshot).__name__}"
-            )
-        self._local_backend("restore").restore(snapshot.interpreter)
-        self._set_episode_state(snapshot.episode)
-
-    def fork(self) -> CodingEnv:
-        """A new env in the same state as this one, interpreter included (copy-on-write).
-
-        From then on the two are independent, except that they share the working directory.
-        Close the new env like any other.
-        """
-        backend = self._local_backend("fork")
-        clone = copy.copy(self)
-        clone.backend = backend.fork()
-        clone._set_episode_state(self._episode_state())
-        if self._tasks is not None:
-            from coding_gym.backends.local import LocalBackend
-            from coding_gym.tasks.grading import Grader, grading_limits
-
-            grader = Grader(LocalBackend(grading_limits(self.limits), backend.isolation,
-                                         start_method=backend.start_method,
-                                         preload=backend.preload))
-            clone._tasks = self._tasks.fork(grader)
-        return clone
-
-    def _local_backend(self, operation: str) -> LocalBackend:
-        from coding_gym.backends.local import LocalBackend
-
-        if not isinstance(self.backend, LocalBackend):
-            raise SnapshotError(
-                f"{operation}() needs the local backend, and this env runs on "
-                f"{type(self.backend).__name__}"
-            )
-        if self.episode_id is None:
-            raise ResetNeeded(f"Call reset() before {operation}(): no episode has started.")
-        return self.backend
-
-    def _episode_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "episode_id": self.episode_id,
-            "step_count": self.step_count,
-            "last": self._last,
-            "np_random": saved_rng(self.np_random),
-        }
-        if self._tasks is not None:
-            state["tasks"] = self._tasks.state()
-        return state
-
-    def _set_episode_state(self, state: dict[str, Any]) -> None:
-        self.episode_id = state["episode_id"]
-        self.step_count = state["step_count"]
-        self._last = state["last"]
-        self.np_random = restored_rng(state["np_random"])
-        if self._tasks is not None and "tasks" in state:
-            self._tasks.set_state(state["tasks"])
 
     def close(self) -> None:
         """End the worker and release the backend; safe to call twice."""
