@@ -8,11 +8,13 @@ driving its workers did (40 µs of each 8-env ``print(1)`` step, for the 9 info 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+
+from coding_gym.models import ExecResult, coarse
 
 #: Info values batched in a numeric array of their own type, as Gymnasium does.
 _SCALARS = (int, float, bool)
@@ -81,6 +83,60 @@ def batch_infos(entries: list[tuple[int, dict[str, Any]]], num_envs: int) -> dic
         infos[key] = array
         infos["_" + key] = present.copy()
     return infos
+
+
+class PlainBatch:
+    """What a vector step returns when every sub-env stepped plainly (no task, no extra info,
+    no backend failure, no episode's end), filled env by env as the results come in, while
+    the other envs' code still runs; :meth:`infos` then hands the infos out whole.
+
+    It equals each sub-env's ``CodingEnv._finish_step`` batched by :func:`batch_infos`,
+    built column by column instead of dict by dict (which cost a third of the parent's time
+    per env-step, 8 envs stepping ``print(1)``).
+    """
+
+    __slots__ = ("results", "_columns", "_wall", "_cpu", "_out_truncated", "_err_truncated",
+                 "_kill_reason", "_state_lost")
+
+    def __init__(self, num_envs: int) -> None:
+        self.results: list[ExecResult | None] = [None] * num_envs
+        self._wall = np.empty(num_envs, dtype=float)
+        self._cpu = np.empty(num_envs, dtype=float)
+        self._out_truncated = np.empty(num_envs, dtype=np.bool_)
+        self._err_truncated = np.empty(num_envs, dtype=np.bool_)
+        self._kill_reason = np.empty(num_envs, dtype=object)
+        self._state_lost = np.empty(num_envs, dtype=np.bool_)
+
+    def add(self, k: int, result: ExecResult) -> None:
+        """The k-th env's result is in."""
+        self.results[k] = result
+        self._wall[k] = coarse(result.wall_time_s)
+        self._cpu[k] = coarse(result.cpu_time_s)
+        self._out_truncated[k] = result.stdout_truncated
+        self._err_truncated[k] = result.stderr_truncated
+        self._kill_reason[k] = result.kill_reason
+        self._state_lost[k] = result.state_lost
+
+    def infos(self, episode_ids: list[str | None], steps: list[int]) -> dict[str, Any]:
+        """The batched infos, once every result is in."""
+        num_envs = len(steps)
+        present = np.empty(num_envs, dtype=np.bool_)
+        present.fill(True)
+        infos: dict[str, Any] = {}
+        for key, array in (
+            ("wall_time_s", self._wall),
+            ("cpu_time_s", self._cpu),
+            ("stdout_truncated", self._out_truncated),
+            ("stderr_truncated", self._err_truncated),
+            ("kill_reason", self._kill_reason),
+            ("state_lost", self._state_lost),
+            ("episode_id", np.array(episode_ids, dtype=object)),
+            ("step", np.array(steps, dtype=int)),
+            ("infra_error", np.empty(num_envs, dtype=object)),
+        ):
+            infos[key] = array
+            infos["_" + key] = present.copy()
+        return infos
 
 
 def _whole_infos(keys: list[str], entries: list[tuple[int, dict[str, Any]]],

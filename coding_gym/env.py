@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from coding_gym import transforms
 from coding_gym.backends import Backend, make_backend
 from coding_gym.env_snapshot import EpisodeSnapshots
 from coding_gym.errors import BackendError, InvalidAction
-from coding_gym.models import ExecResult, Limits
+from coding_gym.models import ExecResult, Limits, coarse
 from coding_gym.spaces import AnyText
 from coding_gym.tasks.episode import TaskEpisodes
 from coding_gym.tasks.loaders import resolve_tasks
@@ -276,8 +275,8 @@ class CodingEnv(EpisodeSnapshots, gym.Env[Observation, str]):
             "exit_code": result.exit_code,
         }
         info = result.info()
-        info["wall_time_s"] = _coarse(result.wall_time_s)
-        info["cpu_time_s"] = _coarse(result.cpu_time_s)
+        info["wall_time_s"] = coarse(result.wall_time_s)
+        info["cpu_time_s"] = coarse(result.cpu_time_s)
         reward, terminated = 0.0, False
         tasks = self._tasks
         if infra_error is None:
@@ -367,18 +366,6 @@ def backend_failure(error: BackendError) -> ExecResult:
     """The result that stands in for a step the backend failed to run."""
     return ExecResult(stderr=f"[coding_gym] backend error: {error}\n", exit_code=1,
                       state_lost=True)
-
-
-#: Resolution of the timings in ``info``. A seeded step must repeat its info exactly
-#: (Gymnasium's determinism check compares it), and on a shared machine a sub-millisecond
-#: step can take a millisecond more: at 10 ms, scheduling noise no longer shows. The exact
-#: figures are in ``ExecResult`` for whoever measures with the backend directly.
-TIMING_RESOLUTION_S = 0.01
-
-
-def _coarse(seconds: float) -> float:
-    ticks = math.floor(seconds * (1 / TIMING_RESOLUTION_S) + 1e-9)
-    return ticks * TIMING_RESOLUTION_S
 
 
 def _preview(value: Any, limit: int = 40) -> str:

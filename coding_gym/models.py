@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 KillReason = Literal["timeout", "memory", "signal", "crash"]
 KILL_REASONS: tuple[str, ...] = ("timeout", "memory", "signal", "crash")
+#: Resolution of the timings in a step's ``info``. A seeded step must repeat its info exactly
+#: (Gymnasium's determinism check compares it), and on a shared machine a sub-millisecond
+#: step can take a millisecond more: at 10 ms, scheduling noise no longer shows. The exact
+#: figures are in ``ExecResult`` for whoever measures with the backend directly.
+TIMING_RESOLUTION_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -145,3 +151,9 @@ class ExecResult:
         if self.extra:
             data.update(self.extra)
         return data
+
+
+def coarse(seconds: float) -> float:
+    """``seconds`` rounded down to :data:`TIMING_RESOLUTION_S`, as a step's ``info`` has it."""
+    ticks = math.floor(seconds * (1 / TIMING_RESOLUTION_S) + 1e-9)
+    return ticks * TIMING_RESOLUTION_S

@@ -20,7 +20,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from coding_gym.backends.local import LocalBackend
-from coding_gym.batching import ObservationBatcher, batch_infos
+from coding_gym.batching import ObservationBatcher, PlainBatch, batch_infos
 from coding_gym.env import CodingEnv, Observation, backend_failure
 from coding_gym.errors import BackendError
 from coding_gym.models import ExecResult
@@ -30,6 +30,7 @@ from coding_gym.sandbox.steps import StepRun
 #: ``finish(k, result, infra error)``: the k-th step of a batch has ended.
 Finish = Callable[[int, ExecResult, "str | None"], None]
 StepTuple = tuple[Observation, float, bool, bool, dict[str, Any]]
+VectorStep = tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]
 
 
 class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
@@ -103,6 +104,8 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._batch_observations = ObservationBatcher(self.single_observation_space, num_envs)
         self._every_env = list(range(num_envs))
+        #: No sub-env has tasks: the vector env may finish their steps itself (PlainBatch).
+        self._untasked = all(env._tasks is None for env in self.envs)
         self._env_obs: list[Observation] = [{} for _ in range(num_envs)]
         self._rewards = np.zeros(num_envs, dtype=np.float64)
         self._terminations = np.zeros(num_envs, dtype=np.bool_)
@@ -140,8 +143,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             entries.append((i, info))
         return self._batch_observations(self._env_obs), batch_infos(entries, self.num_envs)
 
-    def step(self, actions: Sequence[str]
-             ) -> tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+    def step(self, actions: Sequence[str]) -> VectorStep:
         """Run one program in each sub-env, all at once; autoreset as ``autoreset_mode`` says."""
         actions = self._check_actions(actions)
         if self.autoreset_mode is AutoresetMode.DISABLED and self._autoreset_envs.any():
@@ -160,20 +162,34 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         codes = [envs[i]._check_action(actions[i]) for i in stepping]
         for i in stepping:
             envs[i]._start_step()
-        steps: list[StepTuple] = [None] * len(stepping)  # type: ignore[list-item]  # set below
+        count = len(stepping)
+        steps: list[StepTuple | None] = [None] * count
+        limit = self.max_episode_steps
+        # Steps that may all be plain are gathered in a batch, finished by _plain_batch.
+        plain = PlainBatch(count) if not resetting and self._untasked and (
+            limit is None or max(env.step_count for env in envs) < limit) else None
 
         def finish(k: int, result: ExecResult, infra_error: str | None) -> None:
             # Called as each env's code ends: this work overlaps the code still running.
-            steps[k] = envs[stepping[k]]._finish_step(codes[k], result, infra_error)
+            if plain is not None and infra_error is None and not result.extra:
+                plain.add(k, result)
+            else:
+                steps[k] = envs[stepping[k]]._finish_step(codes[k], result, infra_error)
 
         self._run(stepping, codes, finish)
+        if plain is not None:
+            if steps.count(None) == count:  # none was finished apart: all are plain
+                return self._plain_batch(codes, plain)
+            for k, result in enumerate(plain.results):
+                if result is not None:
+                    steps[k] = envs[stepping[k]]._finish_step(codes[k], result)
         entries: list[tuple[int, dict[str, Any]]] = []
         ended: list[int] = []
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
-        limit = self.max_episode_steps
         env_obs, rewards = self._env_obs, self._rewards
         terminations, truncations = self._terminations, self._truncations
-        for i, (obs, reward, terminated, truncated, info) in zip(stepping, steps, strict=True):
+        for i, (obs, reward, terminated, truncated, info) in zip(  # type: ignore[misc]
+                stepping, steps, strict=True):  # every step is finished by now
             if limit is not None and envs[i].step_count >= limit:
                 truncated = True
             env_obs[i] = obs
@@ -197,6 +213,24 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             np.logical_or(terminations, truncations, out=self._autoreset_envs)
         return (self._batch_observations(env_obs), rewards.copy(), terminations.copy(),
                 truncations.copy(), batch_infos(entries, self.num_envs))
+
+    def _plain_batch(self, codes: list[str], batch: PlainBatch) -> VectorStep:
+        """:meth:`step`'s return when every sub-env stepped without a task, none reached its
+        episode's end, and every result is plain (see :class:`PlainBatch`)."""
+        env_obs, rewards = self._env_obs, self._rewards
+        for i, (env, code, result) in enumerate(zip(self.envs, codes, batch.results,
+                                                    strict=True)):
+            env._last = (code, result)
+            env_obs[i] = {"stdout": result.stdout, "stderr": result.stderr,  # type: ignore[union-attr]
+                          "exit_code": result.exit_code}  # type: ignore[union-attr]
+            rewards[i] = env.reward_transforms(code, result, 0.0)  # type: ignore[arg-type]
+        self._terminations.fill(False)
+        self._truncations.fill(False)
+        self._autoreset_envs.fill(False)
+        return (self._batch_observations(env_obs), rewards.copy(), self._terminations.copy(),
+                self._truncations.copy(),
+                batch.infos([env.episode_id for env in self.envs],
+                            [env.step_count for env in self.envs]))
 
     def render(self) -> tuple[Any, ...] | None:
         """What each sub-env renders (``render_mode="ansi"``: the last step as text)."""

@@ -39,8 +39,11 @@ def _assert_same(ours, theirs) -> None:
     np.testing.assert_array_equal(rewards, rewards2)
     np.testing.assert_array_equal(terminated, terminated2)
     np.testing.assert_array_equal(truncated, truncated2)
+    assert list(info) == list(info2)  # the same keys, in the same order
+    for key in _TIMINGS & info.keys():
+        assert info[key].dtype == info2[key].dtype, key
+        np.testing.assert_array_equal(info["_" + key], info2["_" + key])
     ours_info, theirs_info = _comparable(info), _comparable(info2)
-    assert ours_info.keys() == theirs_info.keys()
     for key in ours_info:
         np.testing.assert_equal(ours_info[key], theirs_info[key], err_msg=key)
 
@@ -66,6 +69,24 @@ def test_results_equal_single_envs_with_the_same_seeds_and_actions(mode):
         first, second = ours.reset(seed=11), theirs.reset(seed=11)
         np.testing.assert_equal(first, second)
         for actions in ACTIONS * 2:
+            _assert_same(ours.step(actions), theirs.step(actions))
+    finally:
+        ours.close()
+        theirs.close()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},  # long episodes: the plain steps the vector env finishes column by column
+    {"reward_transforms": "openenv"},
+    {"transactional": True},  # "rolled_back" in every info
+])
+def test_long_episodes_equal_single_envs(kwargs):
+    ours, theirs = _pair(3, AutoresetMode.SAME_STEP, timeout_s=1.0, **kwargs)
+    try:
+        np.testing.assert_equal(ours.reset(seed=5), theirs.reset(seed=5))
+        for actions in [("x = 1", "import os", "print('a')"),
+                        ("print(x)", "1/0", "import time; time.sleep(3)"),
+                        ("print(x + 1)", "print(open('f', 'w'))", "print('b' * 70000)")]:
             _assert_same(ours.step(actions), theirs.step(actions))
     finally:
         ours.close()
