@@ -15,6 +15,7 @@ import struct
 from typing import Any
 
 from coding_gym.sandbox import protocol
+from coding_gym.sandbox.held import HOLD_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,9 @@ class Inbox:
         self.sender_pid: int | None = None
         self.fds: list[int] = []  # received, not yet handed out with their message
         self._frames = protocol.FrameReader()
-        self._buffer = bytearray(protocol.RESULT_FRAME_BYTES + 1)  # more: not a result alone
+        # One byte more than the largest result a sound worker sends: more is not a result
+        # alone.
+        self._buffer = bytearray(protocol.RESULT_FRAME_BYTES + HOLD_BYTES + 1)
 
     def receive(self, with_fds: bool = True) -> list[tuple[dict[str, Any], list[int]]]:
         """The whole messages available now, each with the fds that came with it.
@@ -74,7 +77,7 @@ class Inbox:
                 break
         return received
 
-    def receive_result(self) -> tuple[int, int, int, int, int, int] | None:
+    def receive_result(self) -> protocol.ResultFields | None:
         """A plain step's reply, as the fields of its result (``protocol.RESULT``), when it
         comes whole and alone, as from any sound worker; else None, and :meth:`receive`
         returns what came. No fds are read."""

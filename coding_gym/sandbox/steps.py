@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from coding_gym.models import ExecResult, KillReason, Limits
-from coding_gym.sandbox.protocol import encode_run, kill_reason_of
+from coding_gym.sandbox.protocol import ResultFields, encode_run, kill_reason_of
 
 if TYPE_CHECKING:
     from coding_gym.sandbox.cgroups import Cgroup
@@ -200,25 +200,28 @@ class StepRun:
             if not worker.inbox.connected:
                 self._die()
 
-    def on_result(self, fields: tuple[int, int, int, int, int, int]) -> None:
+    def on_result(self, fields: ResultFields) -> None:
         """Finish the step with the fields of a plain reply (``Inbox.receive_result``): read
         what it left in the pipes, and make the result."""
-        exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending = fields
+        exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending, held = fields
         self._conclude(exit_code, kill_reason_of(reason), wall_ns, cpu_ns, out_pending,
-                       err_pending)
+                       err_pending, held)
 
     def _finish(self, reply: dict[str, Any]) -> None:
         """The worker replied: read what the step left in the pipes, and make the result."""
         self._conclude(reply.get("exit_code"), reply.get("kill_reason"), reply.get("wall_ns"),
-                       reply.get("cpu_ns"), reply.get("out"), reply.get("err"))
+                       reply.get("cpu_ns"), reply.get("out"), reply.get("err"),
+                       reply.get("held", b""))
 
     def _conclude(self, exit_code: Any, kill_reason: Any, wall_ns: Any, cpu_ns: Any,
-                  out_pending: Any, err_pending: Any) -> None:
+                  out_pending: Any, err_pending: Any, held: bytes) -> None:
         """:meth:`_finish` from the reply's fields, as the worker sent them."""
         worker, out, err = self.worker, self.out, self.err
         # Counts from the worker (0 for a silent stream: no read at all); drain checks them.
         if out_pending != 0 or type(out_pending) is not int:
             drain(worker.out_fd, out, out_pending)
+        if held:
+            out.add(held)  # written after what is in the pipe (see held.py)
         if err_pending != 0 or type(err_pending) is not int:
             drain(worker.err_fd, err, err_pending)
         if kill_reason == "timeout" and self.spent_s:

@@ -38,6 +38,7 @@ from typing import Any
 
 from coding_gym.sandbox import isolation
 from coding_gym.sandbox.copies import Copies
+from coding_gym.sandbox.held import HeldOutput
 from coding_gym.sandbox.libc import libc
 from coding_gym.sandbox.protocol import Channel, encode_run
 from coding_gym.sandbox.walls import Walls
@@ -113,8 +114,15 @@ class Worker(Copies):
         # fds 1 and 2, and they are put back before every step.
         self._fd_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
         self._fd_err = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
-        self.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
-                                       errors="backslashreplace")
+        self._new_stdout()
+        self._new_stderr()
+
+    def _new_stdout(self) -> None:
+        """``sys.stdout`` of the steps; its bytes are held for the reply (see ``held.py``)."""
+        self.held = HeldOutput()
+        self.stdout = io.TextIOWrapper(self.held, encoding="utf-8", errors="backslashreplace")
+
+    def _new_stderr(self) -> None:
         self.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                        errors="backslashreplace", line_buffering=True)
 
@@ -189,6 +197,11 @@ class Worker(Copies):
     def _restore_streams(self) -> None:
         _dup2(self._fd_out, 1)
         _dup2(self._fd_err, 2)
+        # Code that closed sys.stdout or sys.stderr closed them for its own step only.
+        if self.stdout.closed:
+            self._new_stdout()
+        if self.stderr.closed:
+            self._new_stderr()
         sys.stdout, sys.stderr, sys.stdin = self.stdout, self.stderr, sys.__stdin__
 
     def _keep_timer_handlers(self) -> None:
@@ -244,6 +257,7 @@ class Worker(Copies):
             self._write_stderr(self._format_traceback(e))
         wall = _perf_counter() - wall_start
         self._finish_step()
+        held = self.held.take()
         if compiled is None:
             linecache.cache.pop(filename, None)  # a syntax error: nothing refers to it
         return {
@@ -256,6 +270,8 @@ class Worker(Copies):
             # the reads that would find an empty pipe.
             "out": _pending(self._fd_out),
             "err": _pending(self._fd_err),
+            # Then the output held for the reply: it comes after what is in the pipe.
+            "held": held,
         }
 
     def _remember(self, code: str, compiled: types.CodeType) -> None:
@@ -273,11 +289,17 @@ class Worker(Copies):
                 linecache.cache.pop(old.co_filename, None)
 
     def _finish_step(self) -> None:
-        """Undo what the step may have broken, and push its output into the pipes."""
+        """Undo what the step may have broken, and push its output into the pipes (stdout's
+        into ``self.held``, for the reply, unless there is too much of it)."""
         bd = builtins.__dict__
         bd.clear()
         bd.update(self._builtins)
-        self._flush()
+        held = self.held
+        held.holding = True
+        try:
+            self._flush()
+        finally:
+            held.holding = False
 
     def _flush(self) -> None:
         for stream in (sys.stdout, sys.stderr):

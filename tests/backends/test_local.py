@@ -14,6 +14,7 @@ from coding_gym.backends.local import LocalBackend
 from coding_gym.errors import BackendError
 from coding_gym.models import Limits
 from coding_gym.sandbox import isolation
+from coding_gym.sandbox.held import HOLD_BYTES
 from tests.helpers import descendant_pids
 
 
@@ -237,6 +238,42 @@ def test_output_of_child_processes_and_c_code_is_captured(backend):
     assert "from-child\n" in result.stdout
     assert "from-c\n" in result.stdout
     assert "to-err\n" in result.stderr
+
+
+def test_stdout_keeps_its_order_with_what_is_written_to_fd_1(backend):
+    # What print writes is held for the step's reply (see held.py), but a flush sends it to
+    # fd 1 first, in order with os.write, child processes and C code.
+    result = backend.run(
+        "import os, subprocess, sys\n"
+        "print('one', flush=True)\n"
+        "os.write(1, b'two\\n')\n"
+        "print('three'); sys.stdout.flush()\n"
+        "subprocess.run(['echo', 'four'])\n"
+        "print('five')"
+    )
+    assert result.stdout == "one\ntwo\nthree\nfour\nfive\n"
+
+
+@pytest.mark.parametrize("lines", [1, HOLD_BYTES // 8 - 1, HOLD_BYTES // 8,
+                                   HOLD_BYTES // 8 + 1, 5 * HOLD_BYTES // 8 + 3])
+def test_stdout_of_any_size_arrives_whole_and_in_order(backend, lines):
+    result = backend.run(f"for i in range({lines}): print(f'{{i:07d}}')")
+    assert result.stdout == "".join(f"{i:07d}\n" for i in range(lines))
+
+
+def test_held_stdout_counts_against_the_output_limit():
+    with LocalBackend(Limits(max_output_bytes=10)) as backend:
+        backend.reset()
+        result = backend.run("print('x' * 100)")
+        assert result.stdout == "x" * 10 and result.stdout_truncated
+
+
+def test_a_closed_stdout_or_stderr_is_back_at_the_next_step(backend):
+    backend.run("import sys\nsys.stdout.close()\nsys.stderr.close()")
+    result = backend.run(
+        "import sys\nprint('out', sys.stdout.fileno())\nprint('err', file=sys.stderr)"
+    )
+    assert (result.stdout, result.stderr, result.exit_code) == ("out 1\n", "err\n", 0)
 
 
 def test_stdin_is_empty(backend):
