@@ -48,7 +48,7 @@ class HeldOutput(io.RawIOBase):
         held += data
         if len(held) > HOLD_BYTES:
             self._spill()
-        return len(data)  # type: ignore[arg-type]  # bytes-like: len is its size
+        return len(data)
 
     def flush(self) -> None:
         if not self.holding:

@@ -137,10 +137,10 @@ class FrameReader:
         self._max_bytes = max_bytes
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        if not self._buffer:
-            # Exactly one whole message, the usual case: no buffering.
-            if len(data) > HEADER.size and HEADER.unpack_from(data)[0] == len(data) - HEADER.size:
-                return [self._decode(data[HEADER.size:])]
+        # Exactly one whole message, the usual case: no buffering.
+        if not self._buffer and len(data) > HEADER.size \
+                and HEADER.unpack_from(data)[0] == len(data) - HEADER.size:
+            return [self._decode(data[HEADER.size:])]
         self._buffer += data
         messages = []
         while len(self._buffer) >= HEADER.size:

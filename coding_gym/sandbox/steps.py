@@ -133,7 +133,7 @@ class StepRun:
     and the step ends at once, stopped by its time limit.
     """
 
-    __slots__ = ("worker", "limits", "out", "err", "started", "deadline", "quiet_until",
+    __slots__ = ("worker", "limits", "_out", "_err", "started", "deadline", "quiet_until",
                  "result", "wake_fd", "frozen", "parking", "snapshot", "_snapshot_error",
                  "spent_s")
 
@@ -142,8 +142,9 @@ class StepRun:
                  spent_s: float = 0.0) -> None:
         self.worker = worker
         self.limits = limits
-        self.out = Capture(limits.max_output_bytes)
-        self.err = Capture(limits.max_output_bytes)
+        # Made when first needed: most steps' output comes whole in the reply (held.py).
+        self._out: Capture | None = None
+        self._err: Capture | None = None
         self.result: ExecResult | None = None
         self.wake_fd = -1
         self.frozen: FrozenCopy | None = None
@@ -162,6 +163,20 @@ class StepRun:
         request = encode_run(code, budget, snapshot)
         if not worker.send(request, budget + HARD_KILL_GRACE_S):
             self._die()
+
+    @property
+    def out(self) -> Capture:
+        """What the step wrote to stdout so far."""
+        if self._out is None:
+            self._out = Capture(self.limits.max_output_bytes)
+        return self._out
+
+    @property
+    def err(self) -> Capture:
+        """What the step wrote to stderr so far."""
+        if self._err is None:
+            self._err = Capture(self.limits.max_output_bytes)
+        return self._err
 
     def on_event(self, fd: int) -> None:
         """Handle readiness of one of the worker's fds (socket, exit, pipes); may finish the
@@ -209,15 +224,29 @@ class StepRun:
 
     def _finish(self, reply: dict[str, Any]) -> None:
         """The worker replied: read what the step left in the pipes, and make the result."""
+        held = reply.get("held")  # bytes from a binary result; JSON has none
         self._conclude(reply.get("exit_code"), reply.get("kill_reason"), reply.get("wall_ns"),
                        reply.get("cpu_ns"), reply.get("out"), reply.get("err"),
-                       reply.get("held", b""))
+                       held if type(held) is bytes else b"")
 
     def _conclude(self, exit_code: Any, kill_reason: Any, wall_ns: Any, cpu_ns: Any,
                   out_pending: Any, err_pending: Any, held: bytes) -> None:
         """:meth:`_finish` from the reply's fields, as the worker sent them."""
-        worker, out, err = self.worker, self.out, self.err
+        # Durations are integer nanoseconds from the worker, which agent code could forge.
+        wall_s = (wall_ns / 1e9 if type(wall_ns) is int and wall_ns >= 0
+                  else _perf_counter() - self.started)
+        cpu_s = cpu_ns / 1e9 if type(cpu_ns) is int and cpu_ns >= 0 else 0.0
+        exit_code = exit_code if type(exit_code) is int and 0 <= exit_code < 256 else 1
+        kill_reason = kill_reason if kill_reason in ("timeout", "memory") else None
         # Counts from the worker (0 for a silent stream: no read at all); drain checks them.
+        if out_pending == 0 and err_pending == 0 and self._out is None and self._err is None \
+                and type(out_pending) is int and type(err_pending) is int \
+                and len(held) <= self.limits.max_output_bytes and not self.spent_s:
+            # The usual step: all its output (if any) came in the reply.
+            self.result = ExecResult(held.decode("utf-8", "replace") if held else "", "",
+                                     exit_code, wall_s, cpu_s, False, False, kill_reason)
+            return
+        worker, out, err = self.worker, self.out, self.err
         if out_pending != 0 or type(out_pending) is not int:
             drain(worker.out_fd, out, out_pending)
         if held:
@@ -226,19 +255,10 @@ class StepRun:
             drain(worker.err_fd, err, err_pending)
         if kill_reason == "timeout" and self.spent_s:
             err.note(self._spent_note())
-        # Durations are integer nanoseconds from the worker, which agent code could forge.
         # Fields by position, in ExecResult's order: keywords cost a dict per step.
-        self.result = ExecResult(
-            out.data.decode("utf-8", "replace"),
-            err.data.decode("utf-8", "replace"),
-            exit_code if type(exit_code) is int and 0 <= exit_code < 256 else 1,
-            (wall_ns / 1e9 if type(wall_ns) is int and wall_ns >= 0
-             else _perf_counter() - self.started),
-            cpu_ns / 1e9 if type(cpu_ns) is int and cpu_ns >= 0 else 0.0,
-            out.truncated,
-            err.truncated,
-            kill_reason if kill_reason in ("timeout", "memory") else None,
-        )
+        self.result = ExecResult(out.data.decode("utf-8", "replace"),
+                                 err.data.decode("utf-8", "replace"), exit_code, wall_s, cpu_s,
+                                 out.truncated, err.truncated, kill_reason)
 
     def wait(self) -> ExecResult:
         """Drive this step alone to its result (:func:`run_many` does it for many)."""

@@ -120,7 +120,8 @@ class Worker(Copies):
     def _new_stdout(self) -> None:
         """``sys.stdout`` of the steps; its bytes are held for the reply (see ``held.py``)."""
         self.held = HeldOutput()
-        self.stdout = io.TextIOWrapper(self.held, encoding="utf-8", errors="backslashreplace")
+        self.stdout = io.TextIOWrapper(self.held,  # type: ignore[type-var]  # a raw stream
+                                       encoding="utf-8", errors="backslashreplace")
 
     def _new_stderr(self) -> None:
         self.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",

@@ -50,3 +50,30 @@ def test_the_worker_sleeps_once_per_step(backends):
     for _ in range(300):
         backend.run("x = 1")
     assert _sleeps(pid) - before < 1.5 * 300
+
+
+FORGE = (
+    "import json, struct, sys\n"
+    "frame = sys._getframe()\n"
+    "while not hasattr(frame.f_locals.get('self'), 'channel'):\n"
+    "    frame = frame.f_back\n"
+    "worker = frame.f_locals['self']\n"
+    "body = json.dumps({0}).encode()\n"
+    "worker.channel.sock.sendall(struct.pack('<I', len(body)) + body)\n"
+)
+
+
+def test_forged_replies_do_not_break_the_parent(backends):
+    # The step's code can reach the worker's socket and answer in its place: whatever it
+    # says, the parent makes a result of it, and the backend goes on (after a new
+    # interpreter, when the reply was not one).
+    backend = backends[0]
+    for reply in ({"type": "result", "exit_code": "0", "held": 5, "out": "x", "err": None,
+                   "wall_ns": -1, "kill_reason": "nonsense"},
+                  {"type": "snapshot"}, {"type": "mystery"}):
+        result = backend.run(FORGE.format(reply))
+        assert isinstance(result.stdout, str) and isinstance(result.exit_code, int)
+        assert "Traceback" not in result.stderr  # the reply was sent
+        for _ in range(3):  # the real reply of the forging step may come first
+            after = backend.run("print('still here')")
+        assert after.stdout == "still here\n"
