@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import _signal
 import ctypes
-import fcntl
 import os
 import platform
 import signal
@@ -39,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 from coding_gym.sandbox import isolation
 from coding_gym.sandbox.libc import libc
 from coding_gym.sandbox.protocol import Channel
+from coding_gym.sandbox.streams import StepStreams
 
-_SAFE_FD_BASE = 100
 _PR_SET_CHILD_SUBREAPER = 36
 _CLONE_PARENT = 0x00008000
 #: clone's number on the architectures where its first argument is the flags.
@@ -59,8 +58,7 @@ class Copies:
     """The copy commands of :class:`coding_gym.sandbox.worker.Worker`, which mixes this in."""
 
     channel: Channel
-    _fd_out: int
-    _fd_err: int
+    streams: StepStreams
     #: Set by isolation.apply in a live worker; a frozen copy is none, or the workers it forks
     #: would stay its children instead of going to the zygote.
     _subreaper: bool = True
@@ -71,8 +69,6 @@ class Copies:
     _unsettled = False
 
     if TYPE_CHECKING:
-        def _flush(self) -> None: ...
-
         def _send_ready(self) -> None: ...
 
     def snapshot(self, reusable: bool) -> int | None:
@@ -83,7 +79,7 @@ class Copies:
         a transactional step, which is woken only if the step fails.
         """
         self.copy_error = ""
-        self._flush()  # nothing buffered may be written twice
+        self.streams.flush()  # nothing buffered may be written twice
         mine, theirs = socket.socketpair()
         # The parent learns the copy's pid from the kernel, not from what the copy says.
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
@@ -121,7 +117,7 @@ class Copies:
     def fork_into(self, fds: list[int]) -> bool:
         """Fork a live copy that serves another env over ``fds``; True in the copy."""
         self.copy_error = ""
-        self._flush()
+        self.streams.flush()
         try:
             in_copy = self._detached_fork(beside=self._parent_reaps())
         except OSError as e:
@@ -144,8 +140,7 @@ class Copies:
         os.dup2(err, 2)
         os.close(out)
         os.close(err)
-        self._fd_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
-        self._fd_err = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
+        self.streams = StepStreams()
         self.channel = Channel(socket.socket(fileno=control))
         # The one start-up setting a fork does not inherit; the rest of the isolation
         # (namespaces, uid, limits, seccomp) carries over from the process we copy.
@@ -219,8 +214,8 @@ class Copies:
         devnull = os.open(os.devnull, os.O_WRONLY)
         for fd in (1, 2):
             os.dup2(devnull, fd)
-        for fd in (devnull, self._fd_out, self._fd_err):
-            os.close(fd)
+        os.close(devnull)
+        self.streams.close()
         return _set_handler(_SIGCHLD, _SIG_DFL)
 
     def _fork_successor(self, leaving: int) -> bool:

@@ -15,7 +15,7 @@ import struct
 from typing import Any
 
 from coding_gym.sandbox import protocol
-from coding_gym.sandbox.held import HOLD_BYTES
+from coding_gym.sandbox.streams import HOLD_BYTES
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 HEADER = struct.Struct("<I")
 #: Largest message the parent accepts from a worker; replies are small (output uses pipes,
-#: but for a few kB of stdout a result may carry: see ``held.py``).
+#: but for a few kB of stdout a result may carry: see ``streams.py``).
 MAX_REPLY_BYTES = 1 << 20
 
 # Built once: json.dumps with separators builds a new encoder at every call.
@@ -69,7 +69,7 @@ def decode_run(body: bytes) -> dict[str, Any]:
 
 def encode_result(exit_code: int, kill_reason: str | None, wall_ns: int, cpu_ns: int,
                   out_pending: int, err_pending: int, held: bytes = b"") -> bytes:
-    """A result frame; ``held``: stdout that comes after what is in the pipe (``held.py``)."""
+    """A result frame; ``held``: stdout that comes after what is in the pipe (``streams.py``)."""
     body = b"r" + RESULT.pack(exit_code, KILL_REASONS.index(kill_reason), wall_ns, cpu_ns,
                               out_pending, err_pending)
     return HEADER.pack(len(body) + len(held)) + body + held

@@ -142,7 +142,7 @@ class StepRun:
                  spent_s: float = 0.0) -> None:
         self.worker = worker
         self.limits = limits
-        # Made when first needed: most steps' output comes whole in the reply (held.py).
+        # Made when first needed: most steps' output comes whole in the reply (streams.py).
         self._out: Capture | None = None
         self._err: Capture | None = None
         self.result: ExecResult | None = None
@@ -250,7 +250,7 @@ class StepRun:
         if out_pending != 0 or type(out_pending) is not int:
             drain(worker.out_fd, out, out_pending)
         if held:
-            out.add(held)  # written after what is in the pipe (see held.py)
+            out.add(held)  # written after what is in the pipe (see streams.py)
         if err_pending != 0 or type(err_pending) is not int:
             drain(worker.err_fd, err, err_pending)
         if kill_reason == "timeout" and self.spent_s:

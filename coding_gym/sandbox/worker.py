@@ -2,10 +2,9 @@
 
 Started by :class:`coding_gym.sandbox.supervisor.WorkerProcess`, either as a fresh
 ``sys.executable`` (:func:`main`) or forked from the zygote (:func:`start`). Its fds 1 and 2 are
-pipes the parent drains (so output of C code, ``os.system`` and child processes is captured);
-fd 0 is /dev/null; requests and replies travel over a socket (see ``protocol.py``), which also
-carries file descriptors for the commands that hand the interpreter to a new process.
-Variables live in one namespace for the whole episode.
+pipes the parent drains (see ``streams.py``); fd 0 is /dev/null; requests and replies travel
+over a socket (see ``protocol.py``), which also carries file descriptors for the commands that
+hand the interpreter to a new process. Variables live in one namespace for the whole episode.
 
 Snapshots and forks of the interpreter are copies of this process (see ``copies.py``).
 
@@ -17,11 +16,8 @@ If it still manages to, the parent sees a dead or incoherent worker and replaces
 from __future__ import annotations
 
 import _signal
-import array
 import builtins
 import collections
-import fcntl
-import io
 import json
 import linecache
 import os
@@ -29,7 +25,6 @@ import resource
 import signal
 import socket
 import sys
-import termios
 import time
 import traceback
 import types
@@ -38,12 +33,10 @@ from typing import Any
 
 from coding_gym.sandbox import isolation
 from coding_gym.sandbox.copies import Copies
-from coding_gym.sandbox.held import HeldOutput
-from coding_gym.sandbox.libc import libc
 from coding_gym.sandbox.protocol import Channel, encode_run
+from coding_gym.sandbox.streams import StepStreams, flush_c_stdio
 from coding_gym.sandbox.walls import Walls
 
-_SAFE_FD_BASE = 100
 #: Code objects of recent programs, kept so that a program sent again is not compiled again.
 _COMPILED_CACHE = 64
 _perf_counter = time.perf_counter
@@ -58,9 +51,6 @@ _ITIMER_REAL = signal.ITIMER_REAL
 _ITIMER_PROF = signal.ITIMER_PROF
 _SIGALRM = int(signal.SIGALRM)
 _SIGPROF = int(signal.SIGPROF)
-_dup2 = os.dup2
-_ioctl = fcntl.ioctl
-_FIONREAD = termios.FIONREAD
 _CodeType = types.CodeType
 _format_exception_only = traceback.format_exception_only
 
@@ -110,22 +100,7 @@ class Worker(Copies):
         self._on_timer_handler = self._on_timer  # one bound method: see _keep_timer_handlers
         self._builtins = dict(builtins.__dict__)
         self._compiled: collections.OrderedDict[str, types.CodeType] = collections.OrderedDict()
-        # Private close-on-exec copies of the output pipes: agent code may close or redirect
-        # fds 1 and 2, and they are put back before every step.
-        self._fd_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
-        self._fd_err = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
-        self._new_stdout()
-        self._new_stderr()
-
-    def _new_stdout(self) -> None:
-        """``sys.stdout`` of the steps; its bytes are held for the reply (see ``held.py``)."""
-        self.held = HeldOutput()
-        self.stdout = io.TextIOWrapper(self.held,  # type: ignore[type-var]  # a raw stream
-                                       encoding="utf-8", errors="backslashreplace")
-
-    def _new_stderr(self) -> None:
-        self.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
-                                       errors="backslashreplace", line_buffering=True)
+        self.streams = StepStreams()
 
     def serve(self) -> None:
         """Answer requests until the parent closes the socket."""
@@ -195,16 +170,6 @@ class Worker(Copies):
                 "the interpreter and its variables were kept"
             )
 
-    def _restore_streams(self) -> None:
-        _dup2(self._fd_out, 1)
-        _dup2(self._fd_err, 2)
-        # Code that closed sys.stdout or sys.stderr closed them for its own step only.
-        if self.stdout.closed:
-            self._new_stdout()
-        if self.stderr.closed:
-            self._new_stderr()
-        sys.stdout, sys.stderr, sys.stdin = self.stdout, self.stderr, sys.__stdin__
-
     def _keep_timer_handlers(self) -> None:
         """Install the timers' handler where it is missing (only there: a system call each):
         once before the first step, then after every step, whose code may have replaced it.
@@ -217,7 +182,8 @@ class Worker(Copies):
             _set_handler(_SIGPROF, handler)
 
     def run(self, code: str, timeout_s: float) -> dict[str, Any]:
-        self._restore_streams()
+        streams = self.streams
+        streams.restore()
         self.cell += 1
         compiled = self._compiled.get(code)
         if compiled is None:
@@ -248,17 +214,17 @@ class Worker(Copies):
                 self._keep_timer_handlers()
         except SystemExit as e:
             exit_code, message = _exit_status(e.code)
-            self._write_stderr(message)
+            streams.write_stderr(message)
         except BaseException as e:
             exit_code = 1
             if isinstance(e, StepTimeout):
                 kill_reason = "timeout"
             elif isinstance(e, MemoryError):
                 kill_reason = "memory"
-            self._write_stderr(self._format_traceback(e))
+            streams.write_stderr(self._format_traceback(e))
         wall = _perf_counter() - wall_start
-        self._finish_step()
-        held = self.held.take()
+        held = self._finish_step()
+        out_pending, err_pending = streams.pending()
         if compiled is None:
             linecache.cache.pop(filename, None)  # a syntax error: nothing refers to it
         return {
@@ -267,11 +233,10 @@ class Worker(Copies):
             "kill_reason": kill_reason,
             "wall_ns": int(wall * 1e9),
             "cpu_ns": max(0, int((_cpu_seconds() - cpu_start) * 1e9)),
-            # What the step left in the output pipes: the parent reads that much, and spares
-            # the reads that would find an empty pipe.
-            "out": _pending(self._fd_out),
-            "err": _pending(self._fd_err),
-            # Then the output held for the reply: it comes after what is in the pipe.
+            # What the step left in the output pipes, then what stdout held for the reply
+            # (which comes after it): see streams.py.
+            "out": out_pending,
+            "err": err_pending,
             "held": held,
         }
 
@@ -289,41 +254,13 @@ class Worker(Copies):
             if not any(type(c) is _CodeType for c in old.co_consts):
                 linecache.cache.pop(old.co_filename, None)
 
-    def _finish_step(self) -> None:
-        """Undo what the step may have broken, and push its output into the pipes (stdout's
-        into ``self.held``, for the reply, unless there is too much of it)."""
+    def _finish_step(self) -> bytes:
+        """Undo what the step may have broken, and push its output into the pipes, but for
+        what stdout holds for the reply, which this returns."""
         bd = builtins.__dict__
         bd.clear()
         bd.update(self._builtins)
-        held = self.held
-        held.holding = True
-        try:
-            self._flush()
-        finally:
-            held.holding = False
-
-    def _flush(self) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not self.stdout and stream is not self.stderr:
-                try:
-                    stream.flush()
-                except BaseException:  # noqa: BLE001 - agent code may have broken its stream
-                    pass
-        for stream in (self.stdout, self.stderr):
-            try:
-                stream.flush()
-            except BaseException:  # noqa: BLE001 - fd closed by the agent: restored next step
-                pass
-        if "ctypes" in sys.modules:
-            _flush_c_stdio()
-
-    def _write_stderr(self, text: str) -> None:
-        if not text:
-            return
-        try:
-            self.stderr.write(text)
-        except BaseException:  # noqa: BLE001 - fd 2 closed by the agent: restored next step
-            pass
+        return self.streams.finish()
 
     @staticmethod
     def _format_traceback(error: BaseException) -> str:
@@ -341,18 +278,6 @@ class Worker(Copies):
             return "".join(report.format())
         except BaseException:  # noqa: BLE001 - a hostile __str__ or patched traceback module
             return f"{type(error).__name__}: <exception could not be formatted>\n"
-
-
-_pending_count = array.array("i", [0])
-
-
-def _pending(fd: int) -> int:
-    """Bytes waiting to be read in the pipe behind ``fd``; -1 if that cannot be known."""
-    try:
-        _ioctl(fd, _FIONREAD, _pending_count, True)
-    except OSError:
-        return -1
-    return _pending_count[0]
 
 
 def _batch_scheduling() -> None:
@@ -381,7 +306,7 @@ def warm_up() -> None:
     del linecache.cache[filename]
     # Look the C function up now: in a zygote, once for all its children (a first look-up
     # builds a ctypes class, ~0.4 ms of a forked child's first step, most of it page faults).
-    _flush_c_stdio()
+    flush_c_stdio()
 
 
 def rehearse() -> None:
@@ -412,18 +337,9 @@ def rehearse() -> None:
             sys.modules["__main__"] = main
         for code in rehearsal._compiled.values():
             linecache.cache.pop(code.co_filename, None)
-        os.close(rehearsal._fd_out)
-        os.close(rehearsal._fd_err)
+        rehearsal.streams.close()
         rehearsal.channel.close()
         ours.close()
-
-
-def _flush_c_stdio() -> None:
-    """Flush C-level stdio buffers (printf from ctypes or extensions) into the pipes."""
-    try:
-        libc().fflush(None)
-    except (OSError, AttributeError):
-        pass
 
 
 def start(sock: socket.socket, config: Mapping[str, Any], *, warm: bool = False,

@@ -14,7 +14,7 @@ from coding_gym.backends.local import LocalBackend
 from coding_gym.errors import BackendError
 from coding_gym.models import Limits
 from coding_gym.sandbox import isolation
-from coding_gym.sandbox.held import HOLD_BYTES
+from coding_gym.sandbox.streams import HOLD_BYTES
 from tests.helpers import descendant_pids
 
 
@@ -241,7 +241,7 @@ def test_output_of_child_processes_and_c_code_is_captured(backend):
 
 
 def test_stdout_keeps_its_order_with_what_is_written_to_fd_1(backend):
-    # What print writes is held for the step's reply (see held.py), but a flush sends it to
+    # What print writes is held for the step's reply (see streams.py), but a flush sends it to
     # fd 1 first, in order with os.write, child processes and C code.
     result = backend.run(
         "import os, subprocess, sys\n"
@@ -259,6 +259,14 @@ def test_stdout_keeps_its_order_with_what_is_written_to_fd_1(backend):
 def test_stdout_of_any_size_arrives_whole_and_in_order(backend, lines):
     result = backend.run(f"for i in range({lines}): print(f'{{i:07d}}')")
     assert result.stdout == "".join(f"{i:07d}\n" for i in range(lines))
+
+
+def test_output_follows_fd_1_where_the_program_points_it(backend):
+    result = backend.run(
+        "import os\nf = open('out.txt', 'w')\nos.dup2(f.fileno(), 1)\nprint('to the file')"
+    )
+    assert result.stdout == ""
+    assert backend.run("print(open('out.txt').read(), end='')").stdout == "to the file\n"
 
 
 def test_held_stdout_counts_against_the_output_limit():

@@ -7,8 +7,8 @@ import socket
 import pytest
 
 from coding_gym.sandbox import protocol
-from coding_gym.sandbox.held import HOLD_BYTES
 from coding_gym.sandbox.inbox import Inbox
+from coding_gym.sandbox.streams import HOLD_BYTES
 
 RESULT = protocol.encode_result(3, "timeout", 5_000, 7_000, 2, 0)
 
