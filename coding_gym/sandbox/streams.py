@@ -87,6 +87,25 @@ class HeldOutput(io.RawIOBase):
             data = data[_write(1, data):]
 
 
+#: HeldOutput's class as made here: agent code that patched it (the class outlives the step,
+#: where C streams like ``FileIO`` cannot be patched at all) patched it for its own step only.
+_HELD_CLASS = dict(vars(HeldOutput))
+_HELD_ATTRIBUTES = frozenset({"_held", "holding"})
+
+
+def _held_intact(held: HeldOutput) -> bool:
+    """Whether ``held`` and its class are as made here; the class is mended if need be."""
+    if vars(HeldOutput) != _HELD_CLASS:
+        for name in set(vars(HeldOutput)) - _HELD_CLASS.keys():
+            delattr(HeldOutput, name)
+        for name, value in _HELD_CLASS.items():
+            if vars(HeldOutput).get(name) is not value:
+                setattr(HeldOutput, name, value)
+        return False
+    return held.__dict__.keys() == _HELD_ATTRIBUTES and type(held) is HeldOutput \
+        and type(held._held) is bytearray
+
+
 class StepStreams:
     """The output streams of a worker's steps, on the pipes that are fds 1 and 2 now."""
 
@@ -102,6 +121,18 @@ class StepStreams:
         self.stdout = io.TextIOWrapper(self.held,  # type: ignore[type-var]  # a raw stream
                                        encoding="utf-8", errors="backslashreplace")
 
+    def _drop_stdout(self) -> None:
+        """Let go of a stdout that agent code closed or patched, without writing anything it
+        still holds (once garbage, it would write it at any time)."""
+        held = self.held
+        try:
+            held.__dict__.clear()
+            held._held, held.holding = bytearray(), True
+            self.stdout.detach()  # flushes what the text layer has into held, which keeps it
+            held.close()
+        except BaseException:  # noqa: BLE001 - closed, or broken by the code
+            pass
+
     def _new_stderr(self) -> None:
         self.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
                                        errors="backslashreplace", line_buffering=True)
@@ -111,8 +142,9 @@ class StepStreams:
         the worker set them, whatever the last step did to them."""
         _dup2(self.fd_out, 1)
         _dup2(self.fd_err, 2)
-        # Code that closed sys.stdout or sys.stderr closed them for its own step only.
-        if self.stdout.closed:
+        # Code that closed or patched sys.stdout or sys.stderr did so for its own step only.
+        if not _held_intact(self.held) or self.stdout.closed:  # mends the class first
+            self._drop_stdout()
             self._new_stdout()
         if self.stderr.closed:
             self._new_stderr()
@@ -127,9 +159,12 @@ class StepStreams:
         held.holding = _file_of(1) == self._out_file
         try:
             self.flush()
+            data = held.take()
+        except BaseException:  # noqa: BLE001 - agent code may have patched the stream's class
+            data = b""
         finally:
             held.holding = False
-        return held.take()
+        return data if type(data) is bytes else b""
 
     def flush(self) -> None:
         """Push every buffered byte to its fd (before a fork: none may be written twice)."""

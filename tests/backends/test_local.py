@@ -284,6 +284,19 @@ def test_a_closed_stdout_or_stderr_is_back_at_the_next_step(backend):
     assert (result.stdout, result.stderr, result.exit_code) == ("out 1\n", "err\n", 0)
 
 
+@pytest.mark.parametrize("patch", [
+    "type(sys.stdout.buffer).take = lambda self: 42",
+    "type(sys.stdout.buffer).write = lambda self, data: len(data)",
+    "sys.stdout.buffer.write = lambda data: len(data)",
+    "sys.stdout.buffer._held = 'text'",
+    "sys.stdout.buffer.close()",
+    "type(sys.stdout.buffer).closed = True",
+])
+def test_a_patched_stdout_is_mended_at_the_next_step(backend, patch):
+    backend.run(f"import sys\n{patch}\nprint('maybe lost')")
+    assert backend.run("print('out')").stdout == "out\n"
+
+
 def test_stdin_is_empty(backend):
     result = backend.run("import sys\nprint(repr(sys.stdin.read()))")
     assert result.stdout == "''\n"
