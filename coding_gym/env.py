@@ -269,11 +269,7 @@ class CodingEnv(EpisodeSnapshots, gym.Env[Observation, str]):
         # Infrastructure failed, not the agent: end the episode without reward.
         truncated = infra_error is not None
         self._last = (code, result)
-        observation = {
-            "stdout": result.stdout,
-            "stderr": result.stderr,
-            "exit_code": result.exit_code,
-        }
+        observation = observation_of(result)
         info = result.info()
         info["wall_time_s"] = coarse(result.wall_time_s)
         info["cpu_time_s"] = coarse(result.cpu_time_s)
@@ -360,6 +356,11 @@ def _task_episodes(tasks: list[Task], backend: str | Backend, limits: Limits,
         backend, backend_options = "local", {}
     grading_backend = make_backend(backend, grading_limits(limits), **backend_options)
     return TaskEpisodes(tasks, Grader(grading_backend), binary_reward=binary_reward)
+
+
+def observation_of(result: ExecResult) -> Observation:
+    """A step's observation, but for a task's prompt."""
+    return {"stdout": result.stdout, "stderr": result.stderr, "exit_code": result.exit_code}
 
 
 def backend_failure(error: BackendError) -> ExecResult:

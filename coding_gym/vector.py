@@ -21,7 +21,7 @@ from gymnasium.vector.utils import batch_space
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.batching import ObservationBatcher, PlainBatch, batch_infos
-from coding_gym.env import CodingEnv, Observation, backend_failure
+from coding_gym.env import CodingEnv, Observation, backend_failure, observation_of
 from coding_gym.errors import BackendError
 from coding_gym.models import ExecResult
 from coding_gym.sandbox.fanout import StepLoop
@@ -105,7 +105,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         self._batch_observations = ObservationBatcher(self.single_observation_space, num_envs)
         self._every_env = list(range(num_envs))
         #: No sub-env has tasks: the vector env may finish their steps itself (PlainBatch).
-        self._untasked = all(env._tasks is None for env in self.envs)
+        self._no_tasks = all(env._tasks is None for env in self.envs)
         self._env_obs: list[Observation] = [{} for _ in range(num_envs)]
         self._rewards = np.zeros(num_envs, dtype=np.float64)
         self._terminations = np.zeros(num_envs, dtype=np.bool_)
@@ -167,7 +167,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         limit = self.max_episode_steps
         # Steps that may all be plain are finished here as they end, and batched by
         # _plain_batch; any other is finished by its env.
-        plain = PlainBatch(count) if not resetting and self._untasked and (
+        plain = PlainBatch(count) if not resetting and self._no_tasks and (
             limit is None or max(env.step_count for env in envs) < limit) else None
         env_obs, rewards = self._env_obs, self._rewards
         later: list[int] = []  # plain steps whose reward transforms run once all are in
@@ -178,8 +178,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
                 env = envs[k]  # every env steps: k is its index
                 code = codes[k]
                 env._last = (code, result)
-                env_obs[k] = {"stdout": result.stdout, "stderr": result.stderr,
-                              "exit_code": result.exit_code}
+                env_obs[k] = observation_of(result)
                 if env.reward_transforms.transforms:
                     later.append(k)
                 else:
