@@ -86,53 +86,54 @@ def batch_infos(entries: list[tuple[int, dict[str, Any]]], num_envs: int) -> dic
 
 
 class PlainBatch:
-    """The infos of a vector step whose sub-envs all stepped plainly (no task, no extra info,
+    """What a vector step returns when every sub-env stepped plainly (no task, no extra info,
     no backend failure, no episode's end), filled env by env as the results come in, while
-    the other envs' code still runs; :meth:`infos` then hands them out whole.
+    the other envs' code still runs; :meth:`infos` then hands the infos out whole.
 
-    They equal each sub-env's ``CodingEnv._finish_step`` info batched by :func:`batch_infos`
+    It equals each sub-env's ``CodingEnv._finish_step`` info batched by :func:`batch_infos`
     (the vector env's tests compare them with ``SyncVectorEnv``'s), built column by column
     rather than as one dict per env, turned into columns once all are in.
     """
 
-    __slots__ = ("num_envs", "results", "_columns")
-
-    #: The info keys, in ``CodingEnv._finish_step``'s order, and their numpy types.
-    KEYS: tuple[tuple[str, Any], ...] = (
-        ("wall_time_s", np.float64), ("cpu_time_s", np.float64),
-        ("stdout_truncated", np.bool_), ("stderr_truncated", np.bool_),
-        ("kill_reason", object), ("state_lost", np.bool_),
-        ("episode_id", object), ("step", np.int64), ("infra_error", object),
-    )
+    __slots__ = ("results", "_wall", "_cpu", "_out_truncated", "_err_truncated",
+                 "_kill_reason", "_state_lost")
 
     def __init__(self, num_envs: int) -> None:
-        self.num_envs = num_envs
         self.results: list[ExecResult | None] = [None] * num_envs
-        # Made at the first result, not before: the steps are sent sooner.
-        self._columns: tuple[np.ndarray, ...] = ()
+        self._wall = np.empty(num_envs, dtype=float)
+        self._cpu = np.empty(num_envs, dtype=float)
+        self._out_truncated = np.empty(num_envs, dtype=np.bool_)
+        self._err_truncated = np.empty(num_envs, dtype=np.bool_)
+        self._kill_reason = np.empty(num_envs, dtype=object)
+        self._state_lost = np.empty(num_envs, dtype=np.bool_)
 
-    def add(self, k: int, result: ExecResult, episode_id: str | None, step: int) -> None:
+    def add(self, k: int, result: ExecResult) -> None:
         """The k-th env's result is in."""
-        if not self._columns:
-            self._columns = tuple(np.empty(self.num_envs, dtype=kind) for _, kind in self.KEYS)
         self.results[k] = result
-        wall, cpu, out_truncated, err_truncated, kill_reason, state_lost, episode_ids, steps, \
-            _ = self._columns
-        wall[k] = coarse(result.wall_time_s)
-        cpu[k] = coarse(result.cpu_time_s)
-        out_truncated[k] = result.stdout_truncated
-        err_truncated[k] = result.stderr_truncated
-        kill_reason[k] = result.kill_reason
-        state_lost[k] = result.state_lost
-        episode_ids[k] = episode_id
-        steps[k] = step
+        self._wall[k] = coarse(result.wall_time_s)
+        self._cpu[k] = coarse(result.cpu_time_s)
+        self._out_truncated[k] = result.stdout_truncated
+        self._err_truncated[k] = result.stderr_truncated
+        self._kill_reason[k] = result.kill_reason
+        self._state_lost[k] = result.state_lost
 
-    def infos(self) -> dict[str, Any]:
-        """The batched infos, once every result is in (``infra_error`` is None for all)."""
-        present = np.empty(self.num_envs, dtype=np.bool_)
+    def infos(self, episode_ids: list[str | None], steps: list[int]) -> dict[str, Any]:
+        """The batched infos, once every result is in."""
+        num_envs = len(steps)
+        present = np.empty(num_envs, dtype=np.bool_)
         present.fill(True)
         infos: dict[str, Any] = {}
-        for (key, _), array in zip(self.KEYS, self._columns, strict=True):
+        for key, array in (
+            ("wall_time_s", self._wall),
+            ("cpu_time_s", self._cpu),
+            ("stdout_truncated", self._out_truncated),
+            ("stderr_truncated", self._err_truncated),
+            ("kill_reason", self._kill_reason),
+            ("state_lost", self._state_lost),
+            ("episode_id", np.array(episode_ids, dtype=object)),
+            ("step", np.array(steps, dtype=int)),
+            ("infra_error", np.empty(num_envs, dtype=object)),
+        ):
             infos[key] = array
             infos["_" + key] = present.copy()
         return infos

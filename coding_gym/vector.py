@@ -165,38 +165,28 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         count = len(stepping)
         steps: list[StepTuple | None] = [None] * count
         limit = self.max_episode_steps
-        # Steps that may all be plain are finished here as they end, and batched by
-        # _plain_batch; any other is finished by its env.
+        # Steps that may all be plain are gathered in a batch, finished by _plain_batch.
         plain = PlainBatch(count) if not resetting and self._no_tasks and (
             limit is None or max(env.step_count for env in envs) < limit) else None
-        env_obs, rewards = self._env_obs, self._rewards
-        later: list[int] = []  # plain steps whose reward transforms run once all are in
 
         def finish(k: int, result: ExecResult, infra_error: str | None) -> None:
             # Called as each env's code ends: this work overlaps the code still running.
             if plain is not None and infra_error is None and not result.extra:
-                env = envs[k]  # every env steps: k is its index
-                code = codes[k]
-                env._last = (code, result)
-                env_obs[k] = observation_of(result)
-                if env.reward_transforms.transforms:
-                    later.append(k)
-                else:
-                    rewards[k] = 0.0
-                plain.add(k, result, env.episode_id, env.step_count)
+                plain.add(k, result)
             else:
                 steps[k] = envs[stepping[k]]._finish_step(codes[k], result, infra_error)
 
         self._run(stepping, codes, finish)
         if plain is not None:
             if steps.count(None) == count:  # none was finished apart: all are plain
-                return self._plain_batch(codes, plain, later)
+                return self._plain_batch(codes, plain)
             for k, result in enumerate(plain.results):
                 if result is not None:
                     steps[k] = envs[stepping[k]]._finish_step(codes[k], result)
         entries: list[tuple[int, dict[str, Any]]] = []
         ended: list[int] = []
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
+        env_obs, rewards = self._env_obs, self._rewards
         terminations, truncations = self._terminations, self._truncations
         for i, (obs, reward, terminated, truncated, info) in zip(  # type: ignore[misc]
                 stepping, steps, strict=True):  # every step is finished by now
@@ -224,21 +214,23 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         return (self._batch_observations(env_obs), rewards.copy(), terminations.copy(),
                 truncations.copy(), batch_infos(entries, self.num_envs))
 
-    def _plain_batch(self, codes: list[str], batch: PlainBatch, later: list[int]
-                     ) -> VectorStep:
+    def _plain_batch(self, codes: list[str], batch: PlainBatch) -> VectorStep:
         """:meth:`step`'s return when every sub-env stepped without a task, none reached its
-        episode's end, and every result is plain (see :class:`PlainBatch`); the steps were
-        finished as they ended, but for the rewards of the envs in ``later``."""
-        rewards, results = self._rewards, batch.results
-        for k in later:
-            result = results[k]
+        episode's end, and every result is plain (see :class:`PlainBatch`)."""
+        env_obs, rewards = self._env_obs, self._rewards
+        for i, (env, code, result) in enumerate(zip(self.envs, codes, batch.results,
+                                                    strict=True)):
             assert result is not None  # every result is in
-            rewards[k] = self.envs[k].reward_transforms(codes[k], result, 0.0)
+            env._last = (code, result)
+            env_obs[i] = observation_of(result)
+            rewards[i] = env.reward_transforms(code, result, 0.0)
         self._terminations.fill(False)
         self._truncations.fill(False)
         self._autoreset_envs.fill(False)
-        return (self._batch_observations(self._env_obs), rewards.copy(),
-                self._terminations.copy(), self._truncations.copy(), batch.infos())
+        return (self._batch_observations(env_obs), rewards.copy(), self._terminations.copy(),
+                self._truncations.copy(),
+                batch.infos([env.episode_id for env in self.envs],
+                            [env.step_count for env in self.envs]))
 
     def render(self) -> tuple[Any, ...] | None:
         """What each sub-env renders (``render_mode="ansi"``: the last step as text)."""

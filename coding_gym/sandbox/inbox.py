@@ -15,7 +15,6 @@ import struct
 from typing import Any
 
 from coding_gym.sandbox import protocol
-from coding_gym.sandbox.streams import HOLD_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +34,7 @@ class Inbox:
         self.sender_pid: int | None = None
         self.fds: list[int] = []  # received, not yet handed out with their message
         self._frames = protocol.FrameReader()
-        # One byte more than the largest result a sound worker sends: more is not a result
-        # alone.
-        self._buffer = bytearray(protocol.RESULT_FRAME_BYTES + HOLD_BYTES + 1)
+        self._buffer = bytearray(protocol.RESULT_FRAME_BYTES + 1)  # more: not a result alone
 
     def receive(self, with_fds: bool = True) -> list[tuple[dict[str, Any], list[int]]]:
         """The whole messages available now, each with the fds that came with it.
@@ -77,7 +74,7 @@ class Inbox:
                 break
         return received
 
-    def receive_result(self) -> protocol.ResultFields | None:
+    def receive_result(self) -> tuple[int, int, int, int, int, int] | None:
         """A plain step's reply, as the fields of its result (``protocol.RESULT``), when it
         comes whole and alone, as from any sound worker; else None, and :meth:`receive`
         returns what came. No fds are read."""

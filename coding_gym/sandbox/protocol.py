@@ -20,17 +20,12 @@ from collections.abc import Sequence
 from typing import Any
 
 HEADER = struct.Struct("<I")
-#: Largest message the parent accepts from a worker; replies are small (output uses pipes,
-#: but for a few kB of stdout a result may carry: see ``streams.py``).
+#: Largest message the parent accepts from a worker; replies are small (output uses pipes).
 MAX_REPLY_BYTES = 1 << 20
 
 # Built once: json.dumps with separators builds a new encoder at every call.
 _dumps = json.JSONEncoder(separators=(",", ":")).encode
 _loads = json.JSONDecoder().decode
-
-
-#: A result frame read by ``FrameReader.result``: the ``RESULT`` fields, then held stdout.
-ResultFields = tuple[int, int, int, int, int, int, bytes]
 
 
 class ProtocolError(Exception):
@@ -45,9 +40,9 @@ _RUN_START = struct.Struct("<Ic" + RUN.format[1:])
 #: bytes left in the stdout and stderr pipes (-1: unknown).
 RESULT = struct.Struct("<iBqqii")
 KILL_REASONS = (None, "timeout", "memory")
-#: Size of a result frame that carries no stdout (``held``); the stdout follows the fields.
-RESULT_FRAME_BYTES = HEADER.size + 1 + RESULT.size
-_R = ord("r")
+#: How every whole result frame starts (its length, then ``r``), and its size.
+_RESULT_START = HEADER.pack(1 + RESULT.size) + b"r"
+RESULT_FRAME_BYTES = len(_RESULT_START) + RESULT.size
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -68,11 +63,10 @@ def decode_run(body: bytes) -> dict[str, Any]:
 
 
 def encode_result(exit_code: int, kill_reason: str | None, wall_ns: int, cpu_ns: int,
-                  out_pending: int, err_pending: int, held: bytes = b"") -> bytes:
-    """A result frame; ``held``: stdout that comes after what is in the pipe (``streams.py``)."""
+                  out_pending: int, err_pending: int) -> bytes:
     body = b"r" + RESULT.pack(exit_code, KILL_REASONS.index(kill_reason), wall_ns, cpu_ns,
                               out_pending, err_pending)
-    return HEADER.pack(len(body) + len(held)) + body + held
+    return HEADER.pack(len(body)) + body
 
 
 def kill_reason_of(code: int) -> str | None:
@@ -85,8 +79,7 @@ def decode_result(body: bytes | bytearray, offset: int = 1) -> dict[str, Any]:
     exit_code, reason, wall_ns, cpu_ns, out, err = RESULT.unpack_from(body, offset)
     return {"type": "result", "exit_code": exit_code,
             "kill_reason": kill_reason_of(reason),
-            "wall_ns": wall_ns, "cpu_ns": cpu_ns, "out": out, "err": err,
-            "held": bytes(body[offset + RESULT.size:])}
+            "wall_ns": wall_ns, "cpu_ns": cpu_ns, "out": out, "err": err}
 
 
 def fds_in(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
@@ -137,10 +130,12 @@ class FrameReader:
         self._max_bytes = max_bytes
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
-        # Exactly one whole message, the usual case: no buffering.
-        if not self._buffer and len(data) > HEADER.size \
-                and HEADER.unpack_from(data)[0] == len(data) - HEADER.size:
-            return [self._decode(data[HEADER.size:])]
+        if not self._buffer:
+            # Exactly one whole message, the usual case: no buffering.
+            if len(data) == RESULT_FRAME_BYTES and data.startswith(_RESULT_START):
+                return [decode_result(data, len(_RESULT_START))]
+            if len(data) > HEADER.size and HEADER.unpack_from(data)[0] == len(data) - HEADER.size:
+                return [self._decode(data[HEADER.size:])]
         self._buffer += data
         messages = []
         while len(self._buffer) >= HEADER.size:
@@ -160,14 +155,12 @@ class FrameReader:
         """Bytes are waiting for the rest of their message, or for :meth:`feed`."""
         return bool(self._buffer)
 
-    def result(self, buffer: bytearray, size: int) -> ResultFields | None:
+    def result(self, buffer: bytearray, size: int) -> tuple[int, int, int, int, int, int] | None:
         """The fields of the result frame that ``buffer[:size]`` is (``RESULT``, the kill
-        reason as its index, then the held stdout) when it is exactly one and nothing came
-        before; else None, and the bytes are kept for :meth:`feed`."""
-        if size >= RESULT_FRAME_BYTES and buffer[HEADER.size] == _R and not self._buffer \
-                and HEADER.unpack_from(buffer)[0] == size - HEADER.size:
-            held = bytes(buffer[RESULT_FRAME_BYTES:size]) if size > RESULT_FRAME_BYTES else b""
-            return (*RESULT.unpack_from(buffer, HEADER.size + 1), held)
+        reason as its index) when it is exactly one and nothing came before; else None, and
+        the bytes are kept for :meth:`feed`."""
+        if size == RESULT_FRAME_BYTES and not self._buffer and buffer.startswith(_RESULT_START):
+            return RESULT.unpack_from(buffer, len(_RESULT_START))
         self._buffer += memoryview(buffer)[:size]
         return None
 
@@ -175,7 +168,7 @@ class FrameReader:
         if len(body) > self._max_bytes:
             raise ProtocolError(f"message of {len(body)} bytes exceeds {self._max_bytes}")
         if body[:1] == b"r":
-            if len(body) < 1 + RESULT.size:
+            if len(body) != 1 + RESULT.size:
                 raise ProtocolError(f"a result of {len(body)} bytes")
             return decode_result(body)
         try:
@@ -232,7 +225,7 @@ class Channel:
         if message["type"] == "result":
             data = encode_result(message["exit_code"], message["kill_reason"],
                                  message["wall_ns"], message["cpu_ns"], message["out"],
-                                 message["err"], message.get("held", b""))
+                                 message["err"])
         else:
             data = encode(message)
         if fds:

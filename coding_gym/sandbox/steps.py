@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from coding_gym.models import ExecResult, KillReason, Limits
-from coding_gym.sandbox.protocol import ResultFields, encode_run, kill_reason_of
+from coding_gym.sandbox.protocol import encode_run, kill_reason_of
 
 if TYPE_CHECKING:
     from coding_gym.sandbox.cgroups import Cgroup
@@ -133,7 +133,7 @@ class StepRun:
     and the step ends at once, stopped by its time limit.
     """
 
-    __slots__ = ("worker", "limits", "_out", "_err", "started", "deadline", "quiet_until",
+    __slots__ = ("worker", "limits", "out", "err", "started", "deadline", "quiet_until",
                  "result", "wake_fd", "frozen", "parking", "snapshot", "_snapshot_error",
                  "spent_s")
 
@@ -142,9 +142,8 @@ class StepRun:
                  spent_s: float = 0.0) -> None:
         self.worker = worker
         self.limits = limits
-        # Made when first needed: most steps' output comes whole in the reply (streams.py).
-        self._out: Capture | None = None
-        self._err: Capture | None = None
+        self.out = Capture(limits.max_output_bytes)
+        self.err = Capture(limits.max_output_bytes)
         self.result: ExecResult | None = None
         self.wake_fd = -1
         self.frozen: FrozenCopy | None = None
@@ -163,20 +162,6 @@ class StepRun:
         request = encode_run(code, budget, snapshot)
         if not worker.send(request, budget + HARD_KILL_GRACE_S):
             self._die()
-
-    @property
-    def out(self) -> Capture:
-        """What the step wrote to stdout so far."""
-        if self._out is None:
-            self._out = Capture(self.limits.max_output_bytes)
-        return self._out
-
-    @property
-    def err(self) -> Capture:
-        """What the step wrote to stderr so far."""
-        if self._err is None:
-            self._err = Capture(self.limits.max_output_bytes)
-        return self._err
 
     def on_event(self, fd: int) -> None:
         """Handle readiness of one of the worker's fds (socket, exit, pipes); may finish the
@@ -215,50 +200,42 @@ class StepRun:
             if not worker.inbox.connected:
                 self._die()
 
-    def on_result(self, fields: ResultFields) -> None:
+    def on_result(self, fields: tuple[int, int, int, int, int, int]) -> None:
         """Finish the step with the fields of a plain reply (``Inbox.receive_result``): read
         what it left in the pipes, and make the result."""
-        exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending, held = fields
+        exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending = fields
         self._conclude(exit_code, kill_reason_of(reason), wall_ns, cpu_ns, out_pending,
-                       err_pending, held)
+                       err_pending)
 
     def _finish(self, reply: dict[str, Any]) -> None:
         """The worker replied: read what the step left in the pipes, and make the result."""
-        held = reply.get("held")  # bytes from a binary result; JSON has none
         self._conclude(reply.get("exit_code"), reply.get("kill_reason"), reply.get("wall_ns"),
-                       reply.get("cpu_ns"), reply.get("out"), reply.get("err"),
-                       held if type(held) is bytes else b"")
+                       reply.get("cpu_ns"), reply.get("out"), reply.get("err"))
 
     def _conclude(self, exit_code: Any, kill_reason: Any, wall_ns: Any, cpu_ns: Any,
-                  out_pending: Any, err_pending: Any, held: bytes) -> None:
+                  out_pending: Any, err_pending: Any) -> None:
         """:meth:`_finish` from the reply's fields, as the worker sent them."""
-        # Durations are integer nanoseconds from the worker, which agent code could forge.
-        wall_s = (wall_ns / 1e9 if type(wall_ns) is int and wall_ns >= 0
-                  else _perf_counter() - self.started)
-        cpu_s = cpu_ns / 1e9 if type(cpu_ns) is int and cpu_ns >= 0 else 0.0
-        exit_code = exit_code if type(exit_code) is int and 0 <= exit_code < 256 else 1
-        kill_reason = kill_reason if kill_reason in ("timeout", "memory") else None
-        # Counts from the worker (0 for a silent stream: no read at all); drain checks them.
-        if out_pending == 0 and err_pending == 0 and self._out is None and self._err is None \
-                and type(out_pending) is int and type(err_pending) is int \
-                and len(held) <= self.limits.max_output_bytes and not self.spent_s:
-            # The usual step: all its output (if any) came in the reply.
-            self.result = ExecResult(held.decode("utf-8", "replace") if held else "", "",
-                                     exit_code, wall_s, cpu_s, False, False, kill_reason)
-            return
         worker, out, err = self.worker, self.out, self.err
+        # Counts from the worker (0 for a silent stream: no read at all); drain checks them.
         if out_pending != 0 or type(out_pending) is not int:
             drain(worker.out_fd, out, out_pending)
-        if held:
-            out.add(held)  # written after what is in the pipe (see streams.py)
         if err_pending != 0 or type(err_pending) is not int:
             drain(worker.err_fd, err, err_pending)
         if kill_reason == "timeout" and self.spent_s:
             err.note(self._spent_note())
+        # Durations are integer nanoseconds from the worker, which agent code could forge.
         # Fields by position, in ExecResult's order: keywords cost a dict per step.
-        self.result = ExecResult(out.data.decode("utf-8", "replace"),
-                                 err.data.decode("utf-8", "replace"), exit_code, wall_s, cpu_s,
-                                 out.truncated, err.truncated, kill_reason)
+        self.result = ExecResult(
+            out.data.decode("utf-8", "replace"),
+            err.data.decode("utf-8", "replace"),
+            exit_code if type(exit_code) is int and 0 <= exit_code < 256 else 1,
+            (wall_ns / 1e9 if type(wall_ns) is int and wall_ns >= 0
+             else _perf_counter() - self.started),
+            cpu_ns / 1e9 if type(cpu_ns) is int and cpu_ns >= 0 else 0.0,
+            out.truncated,
+            err.truncated,
+            kill_reason if kill_reason in ("timeout", "memory") else None,
+        )
 
     def wait(self) -> ExecResult:
         """Drive this step alone to its result (:func:`run_many` does it for many)."""

@@ -223,8 +223,7 @@ class Worker(Copies):
                 kill_reason = "memory"
             streams.write_stderr(self._format_traceback(e))
         wall = _perf_counter() - wall_start
-        held = self._finish_step()
-        out_pending, err_pending = streams.pending()
+        out_pending, err_pending = self._finish_step()
         if compiled is None:
             linecache.cache.pop(filename, None)  # a syntax error: nothing refers to it
         return {
@@ -233,11 +232,10 @@ class Worker(Copies):
             "kill_reason": kill_reason,
             "wall_ns": int(wall * 1e9),
             "cpu_ns": max(0, int((_cpu_seconds() - cpu_start) * 1e9)),
-            # What the step left in the output pipes, then what stdout held for the reply
-            # (which comes after it): see streams.py.
+            # What the step left in the output pipes: the parent reads that much, and spares
+            # the reads that would find an empty pipe.
             "out": out_pending,
             "err": err_pending,
-            "held": held,
         }
 
     def _remember(self, code: str, compiled: types.CodeType) -> None:
@@ -254,9 +252,9 @@ class Worker(Copies):
             if not any(type(c) is _CodeType for c in old.co_consts):
                 linecache.cache.pop(old.co_filename, None)
 
-    def _finish_step(self) -> bytes:
-        """Undo what the step may have broken, and push its output into the pipes, but for
-        what stdout holds for the reply, which this returns."""
+    def _finish_step(self) -> tuple[int, int]:
+        """Undo what the step may have broken, and push its output into the pipes; the bytes
+        waiting in the stdout and stderr pipes (see :meth:`StepStreams.finish`)."""
         bd = builtins.__dict__
         bd.clear()
         bd.update(self._builtins)

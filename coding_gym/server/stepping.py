@@ -19,7 +19,6 @@ from concurrent.futures import Executor
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import ExecResult
-from coding_gym.sandbox import protocol
 from coding_gym.sandbox.steps import QUIET_S, StepRun
 from coding_gym.sandbox.supervisor import WorkerProcess
 
@@ -83,7 +82,7 @@ async def drive(backend: LocalBackend, code: str, timeout_s: float, executor: Ex
     return backend.finish(step, result)
 
 
-def drains_on_loop(fields: protocol.ResultFields) -> bool:
+def drains_on_loop(fields: tuple[int, int, int, int, int, int]) -> bool:
     """Whether the output a reply says it left in the pipes may be read on the loop (the
     counts come from the worker, whose code could forge them)."""
     return fields[4] <= _LOOP_DRAIN_BYTES and fields[5] <= _LOOP_DRAIN_BYTES

@@ -8,7 +8,6 @@ import pytest
 
 from coding_gym.sandbox import protocol
 from coding_gym.sandbox.inbox import Inbox
-from coding_gym.sandbox.streams import HOLD_BYTES
 
 RESULT = protocol.encode_result(3, "timeout", 5_000, 7_000, 2, 0)
 
@@ -26,21 +25,9 @@ def test_a_result_alone_is_read_into_its_fields(pair):
     inbox, worker = pair
     worker.sendall(RESULT)
     assert inbox.receive_result() == (3, protocol.KILL_REASONS.index("timeout"), 5_000, 7_000,
-                                      2, 0, b"")
+                                      2, 0)
     assert inbox.receive(with_fds=False) == []
     assert inbox.connected
-
-
-def test_a_result_brings_the_stdout_held_for_it(pair):
-    inbox, worker = pair
-    worker.sendall(protocol.encode_result(0, None, 1, 2, 0, 0, b"hello\n"))
-    assert inbox.receive_result() == (0, 0, 1, 2, 0, 0, b"hello\n")
-    # More than a sound worker holds is not read as a result alone, but still read whole.
-    big = b"x" * (4 * HOLD_BYTES)
-    worker.sendall(protocol.encode_result(0, None, 1, 2, 0, 0, big))
-    assert inbox.receive_result() is None
-    [(message, _)] = inbox.receive(with_fds=False)
-    assert message["held"] == big and message["exit_code"] == 0
 
 
 def test_anything_more_than_one_result_is_left_for_receive(pair):

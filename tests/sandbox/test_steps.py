@@ -68,7 +68,7 @@ def test_forged_replies_do_not_break_the_parent(backends):
     # says, the parent makes a result of it, and the backend goes on (after a new
     # interpreter, when the reply was not one).
     backend = backends[0]
-    for reply in ({"type": "result", "exit_code": "0", "held": 5, "out": "x", "err": None,
+    for reply in ({"type": "result", "exit_code": "0", "out": "x", "err": None,
                    "wall_ns": -1, "kill_reason": "nonsense"},
                   {"type": "snapshot"}, {"type": "mystery"}):
         result = backend.run(FORGE.format(reply))
