@@ -124,7 +124,10 @@ class Copies:
             self.copy_error = f"could not fork the interpreter: {e}"
             return False
         if in_copy:
+            # Nothing of the other env's may stay open here: its control socket, and its
+            # output pipes, into which this env's code could otherwise write.
             self.channel.close()
+            self.streams.close()
             self.take_channels(fds)
         return in_copy
 

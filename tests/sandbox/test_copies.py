@@ -54,6 +54,23 @@ def test_copies_and_restored_workers_are_children_of_the_zygote():
             assert _parent(fork.worker_pid) == found.pid
 
 
+WRITE_EVERYWHERE = (
+    "import os\n"
+    "for fd in range(3, 1024):\n"
+    "    try:\n"
+    "        os.write(fd, b'LEAK')\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+
+
+def test_a_fork_cannot_write_into_the_output_of_the_env_it_was_forked_from(backend):
+    with backend.fork() as fork:
+        fork.run(WRITE_EVERYWHERE)  # may break the fork's own worker: its own business
+    after = backend.run("print(x)")
+    assert (after.stdout, after.stderr) == ("41\n", "")
+
+
 @pytest.mark.parametrize("threads", [False, True], ids=["one thread", "threads"])
 def test_a_copy_is_not_below_the_worker_nor_a_child_of_ours(backend, threads):
     # Spawned workers, and workers running threads, take the double fork instead.
