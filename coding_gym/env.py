@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gymnasium as gym
 from gymnasium import spaces
@@ -21,9 +21,6 @@ from coding_gym.tasks.episode import TaskEpisodes
 from coding_gym.tasks.loaders import resolve_tasks
 from coding_gym.tasks.task import Task
 from coding_gym.transforms import RewardTransform
-
-if TYPE_CHECKING:
-    pass
 
 Observation = dict[str, Any]
 

@@ -32,18 +32,8 @@ class StepStreams:
         self.fd_out = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
         self.fd_err = fcntl.fcntl(2, fcntl.F_DUPFD_CLOEXEC, _SAFE_FD_BASE)
         self._count = array.array("i", [0])
-        self._new_stdout()
-        self._new_stderr()
-
-    def _new_stdout(self) -> None:
-        self._out_raw = io.FileIO(1, "w", closefd=False)
-        self.stdout = io.TextIOWrapper(self._out_raw, encoding="utf-8",
-                                       errors="backslashreplace")
-
-    def _new_stderr(self) -> None:
-        self._err_raw = io.FileIO(2, "w", closefd=False)
-        self.stderr = io.TextIOWrapper(self._err_raw, encoding="utf-8",
-                                       errors="backslashreplace", line_buffering=True)
+        self._out_raw, self.stdout = _text_stream(1)
+        self._err_raw, self.stderr = _text_stream(2)
 
     def restore(self) -> None:
         """Before a step: fds 1 and 2, ``sys.stdout``, ``sys.stderr`` and ``sys.stdin`` as
@@ -54,9 +44,9 @@ class StepStreams:
         # __dict__ holds their name alone; the classes are C types, which cannot be
         # patched), did so for its own step only.
         if self.stdout.closed or len(self._out_raw.__dict__) != 1:
-            self._new_stdout()
+            self._out_raw, self.stdout = _text_stream(1)
         if self.stderr.closed or len(self._err_raw.__dict__) != 1:
-            self._new_stderr()
+            self._err_raw, self.stderr = _text_stream(2)
         sys.stdout, sys.stderr, sys.stdin = self.stdout, self.stderr, sys.__stdin__
 
     def finish(self) -> tuple[int, int]:
@@ -103,6 +93,14 @@ class StepStreams:
         except OSError:
             return -1
         return self._count[0]
+
+
+def _text_stream(fd: int) -> tuple[io.FileIO, io.TextIOWrapper]:
+    """A file object on ``fd`` and the text stream over it: stdout buffered as Python's is on
+    a pipe, stderr by line."""
+    raw = io.FileIO(fd, "w", closefd=False)
+    return raw, io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace",
+                                 line_buffering=fd == 2)
 
 
 def flush_c_stdio() -> None:
