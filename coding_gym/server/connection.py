@@ -49,9 +49,10 @@ class Connection:
         self.max_message_bytes = max_message_bytes
         #: Frames read and not yet answered.
         self._frames: deque[str | bytes] = deque()
-        #: Set by whichever side waits for the other: the request loop for a frame, the
-        #: reader for room in _frames.
-        self._waiter: asyncio.Future[None] | None = None
+        #: The request loop's wait for a frame, and the reader's for room in _frames. One
+        #: each: a side woken but not yet run must not take the other's wait with it.
+        self._frame_wait = _Wakeup()
+        self._room_wait = _Wakeup()
         self._gone = False
         self._closed = False
         session.on_expire = self._expire
@@ -83,9 +84,9 @@ class Connection:
         while not frames:
             if self._gone:
                 return None
-            await self._wait()
+            await self._frame_wait.wait()
         if len(frames) == _MAX_PENDING:
-            self._wake()  # the reader may be waiting for room
+            self._room_wait.wake()  # the reader may be waiting for room
             if self._direct is not None:
                 self._direct.read_more()
         return None if self._gone else frames.popleft()
@@ -93,7 +94,7 @@ class Connection:
     def _take(self, frame: str | bytes) -> bool:
         """A message handed over by the server's protocol; False once enough are waiting."""
         self._frames.append(frame)
-        self._wake()
+        self._frame_wait.wake()
         return len(self._frames) < _MAX_PENDING
 
     async def _read_frames(self) -> None:
@@ -105,30 +106,17 @@ class Connection:
                     break  # websocket.disconnect
                 text = message.get("text")
                 frames.append(text if text is not None else message.get("bytes") or b"")
-                self._wake()
+                self._frame_wait.wake()
                 while len(frames) >= _MAX_PENDING and not self._gone:
-                    await self._wait()
+                    await self._room_wait.wait()
         except (OSError, RuntimeError):
             pass  # the server itself shuts the connection
         self._gone = True
-        self._wake()
+        self._frame_wait.wake()
         # The client left: kill a step still running for it rather than let it finish; its
         # slot is as good as free (a client reconnecting at capacity may wait for it).
         self.session.closing = True
         await self.manager.interrupt(self.session)
-
-    async def _wait(self) -> None:
-        """Wait until the other side (reader or request loop) calls :meth:`_wake`."""
-        waiter = self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     async def _answer(self, frame: str | bytes) -> dict[str, Any] | None:
         """The reply to one frame; None for a close request."""
@@ -187,3 +175,26 @@ class Connection:
     async def _expire(self) -> None:
         idle_s = self.manager.idle_timeout_s
         await self._close(CLOSE_NORMAL, f"session idle for more than {idle_s:g} s")
+
+
+class _Wakeup:
+    """One side's wait for the other: a frame to answer, or room for one more."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self) -> None:
+        self._future: asyncio.Future[None] | None = None
+
+    async def wait(self) -> None:
+        """Wait until :meth:`wake` is called."""
+        future = self._future = asyncio.get_running_loop().create_future()
+        try:
+            await future
+        finally:
+            if self._future is future:
+                self._future = None
+
+    def wake(self) -> None:
+        future = self._future
+        if future is not None and not future.done():
+            future.set_result(None)
