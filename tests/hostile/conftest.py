@@ -75,6 +75,7 @@ def server(secret_in_environment: None) -> Iterator[Server]:
         else:
             time.sleep(0.05)
     running = Server(url, process, log_path)
+    _server_logs.append(log_path)
     while not running.healthy():
         assert time.monotonic() < deadline, "the server never became healthy"
         time.sleep(0.05)
@@ -85,7 +86,29 @@ def server(secret_in_environment: None) -> Iterator[Server]:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+    _server_logs.remove(log_path)
     os.unlink(log_path)
+
+
+#: The log of the running server, attached to the report of any test here that fails.
+_server_logs: list[str] = []
+#: How much of the end of that log a report shows.
+_LOG_TAIL_CHARS = 8000
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test's report ends with the server's last log lines: the server runs in a
+    process of its own, and its log goes when the run ends."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.failed and _server_logs:
+        try:
+            with open(_server_logs[-1], errors="replace") as f:
+                tail = f.read()[-_LOG_TAIL_CHARS:]
+        except OSError as e:
+            tail = f"(the log could not be read: {e})"
+        report.sections.append(("coding-gym serve log, its end", tail))
 
 
 @pytest.fixture(params=BACKENDS)
