@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "name: anyone who can reach the port can run code on this machine")
     serve.add_argument("--idle-timeout-s", type=_positive_float, default=600.0,
                        help="close sessions idle for this long (default: 600)")
+    serve.add_argument("--ws-deflate", action="store_true",
+                       help="accept WebSocket compression (permessage-deflate) from clients "
+                            "that offer it: less traffic for large outputs over a slow link, "
+                            "more CPU per message on both ends (default: declined)")
     _add_limit_arguments(serve, "longest step a client may ask for")
     serve.add_argument("--open", action="store_true",
                        help="open the web UI in a browser once the server listens")
@@ -155,7 +159,8 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
         webbrowser.open(f"{url}/web/")
     serving.redact_tokens_in_logs()
-    server = uvicorn.Server(serving.uvicorn_config(app, log_level="info"))
+    server = uvicorn.Server(serving.uvicorn_config(app, log_level="info",
+                                                   ws_per_message_deflate=args.ws_deflate))
     interrupted: list[int] = []
     handle_exit = server.handle_exit
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,6 +10,7 @@ import sys
 
 import httpx
 import pytest
+from websockets.sync.client import connect
 
 from coding_gym.cli import build_parser, main
 
@@ -94,6 +96,21 @@ def test_serve_prints_the_url_and_serves_until_interrupted():
         _stop(process)
     assert process.returncode == 130  # Ctrl-C, after a clean shutdown
     assert "Traceback" not in process.stderr.read()
+
+
+@pytest.mark.parametrize(("flags", "compressed"), [((), False), (("--ws-deflate",), True)],
+                         ids=["default", "ws-deflate"])
+def test_serve_declines_websocket_compression_unless_asked(flags, compressed):
+    process, url = _serve(*flags)
+    try:
+        with connect(url.replace("http://", "ws://") + "/ws") as ws:  # offers compression
+            ws.send(json.dumps({"type": "step", "data": {"code": "print('z' * 5000)"}}))
+            reply = json.loads(ws.recv(timeout=30))
+            agreed = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+    finally:
+        _stop(process)
+    assert reply["data"]["observation"]["stdout"] == "z" * 5000 + "\n"
+    assert agreed.startswith("permessage-deflate") is compressed, agreed
 
 
 def test_serve_with_a_token_from_the_environment_and_on_a_public_address():

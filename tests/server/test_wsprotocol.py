@@ -11,11 +11,14 @@ import struct
 from collections.abc import Iterator
 
 import pytest
+from websockets.extensions.permessage_deflate import PerMessageDeflate
+from websockets.sync.client import connect
 
+from coding_gym.server import create_app
 from coding_gym.server.serving import BackgroundServer
 from coding_gym.server.wsprotocol import DirectFramesProtocol, split_frame
 from coding_gym.wsframes import TEXT, header
-from tests.servers import running_server, wait_for
+from tests.servers import TEST_LIMITS, running_server, wait_for
 from tests.wsbytes import client_frame
 
 
@@ -85,9 +88,11 @@ def client(server: BackgroundServer) -> Iterator[RawClient]:
     raw.sock.close()
 
 
-def protocol_of(server: BackgroundServer, client: RawClient) -> DirectFramesProtocol:
-    """The server's side of ``client``'s connection."""
-    port = client.sock.getsockname()[1]
+def protocol_of(server: BackgroundServer, client: RawClient | socket.socket
+                ) -> DirectFramesProtocol:
+    """The server's side of ``client``'s connection (a RawClient, or any client's socket)."""
+    sock = client.sock if isinstance(client, RawClient) else client
+    port = sock.getsockname()[1]
     (protocol,) = [c for c in server._server.server_state.connections
                    if isinstance(c, DirectFramesProtocol) and c.client[1] == port]
     return protocol
@@ -210,3 +215,32 @@ def test_frames_breaking_the_protocol_close_with_1002(client, frame):
 def test_a_client_close_is_answered_and_ends_the_connection(client):
     client.sock.sendall(message("state") + client_frame(struct.pack("!H", 1000), opcode=0x8))
     assert client.close_code() == 1000
+
+
+def _steps_through(url: str, server: BackgroundServer
+                   ) -> tuple[list[object], list[str], bool]:
+    """Steps from websockets' client, which offers compression: the extensions agreed,
+    what the steps printed, and whether the server still reads the frames directly."""
+    with connect(url.replace("http://", "ws://") + "/ws", max_size=None) as ws:
+        outputs = []
+        for code in ("big = 'ab' * 50_000", "print(big)", "print(len(big))"):
+            ws.send(json.dumps({"type": "step", "data": {"code": code}}))
+            outputs.append(json.loads(ws.recv(timeout=30))["data"]["observation"]["stdout"])
+        direct = protocol_of(server, ws.socket).direct
+        return list(ws.protocol.extensions), outputs, direct
+
+
+def test_compression_offered_by_a_client_is_declined_and_frames_stay_direct(server):
+    extensions, outputs, direct = _steps_through(server.url, server)
+    assert extensions == []
+    assert outputs == ["", "ab" * 50_000 + "\n", "100000\n"]
+    assert direct
+
+
+def test_compression_when_the_server_accepts_it_is_agreed_and_every_message_answered():
+    app = create_app(limits=TEST_LIMITS)
+    with BackgroundServer(app, ws_per_message_deflate=True) as deflating:
+        extensions, outputs, direct = _steps_through(deflating.url, deflating)
+    assert [type(e) for e in extensions] == [PerMessageDeflate]
+    assert outputs == ["", "ab" * 50_000 + "\n", "100000\n"]
+    assert not direct  # compressed frames go through uvicorn's path, which inflates them
