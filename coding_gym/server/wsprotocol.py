@@ -30,6 +30,8 @@ from coding_gym.wsframes import BINARY, MASK, TEXT, apply_mask, header, read_hea
 
 #: Messages queued for the app before reading pauses.
 READ_AHEAD = 16
+#: How long a connection refused for a bad frame waits for the client to close it.
+LINGER_S = 10.0
 #: The key of the ASGI scope's ``extensions`` under which the protocol offers itself, for
 #: :meth:`DirectFramesProtocol.deliver_to` and :meth:`DirectFramesProtocol.send_text_now`.
 EXTENSION = "coding_gym.direct_frames"
@@ -69,8 +71,12 @@ class DirectFramesProtocol(WebSocketsSansIOProtocol):
         self._max_size: int = self.config.ws_max_size or 1 << 62
         self._consumer: Callable[[str | bytes], bool] | None = None
         self._consumer_full = False
+        #: A bad frame was refused: what still comes is read and dropped.
+        self._lingering = False
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         if not self.handshake_complete:
             # The first call brings the opening request; anything more arrived before
             # the handshake ended and may leave websockets' parser mid-frame.
@@ -86,10 +92,11 @@ class DirectFramesProtocol(WebSocketsSansIOProtocol):
         while start < size and self._reading_directly():
             where = split_frame(data, start)
             if where is None:
-                if size - start <= self._max_size + 14:
+                found = read_header(data, start)
+                if found is None or found[2] <= self._max_size:
                     self._partial += data[start:]
                     start = size
-                break  # else a frame too large for any message: websockets says so
+                break  # else its header says it is too large: websockets says so, at once
             end = where[2]
             if not self._take(data, where):
                 # A control frame leaves websockets' parser between messages; anything
@@ -166,6 +173,31 @@ class DirectFramesProtocol(WebSocketsSansIOProtocol):
         text = message.get("text") if message["type"] == "websocket.send" else None
         if text is None or not self.send_text_now(text):
             await super().send(message)
+
+    def handle_parser_exception(self) -> None:
+        """A frame was refused (too large, invalid, breaking the protocol): send the close
+        frame that says why, as uvicorn does, but keep the connection until the client
+        closes it. uvicorn closes it at once, and a client still sending the rest of a
+        large frame then gets a reset, which can destroy the close frame and its code before
+        the client reads them."""
+        if self._lingering:
+            return
+        self._lingering = True
+        close = self.conn.close_sent
+        assert close is not None
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": close.code,
+                               "reason": close.reason})
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()  # to drop what comes, up to the client's end
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)

@@ -199,6 +199,18 @@ def test_a_frame_beyond_any_message_closes_with_1009(client):
     assert client.close_code() == 1009
 
 
+def test_a_refused_frame_is_read_to_the_clients_end_not_reset(client):
+    # A client streaming a message far over the limit: the header says so at once, and the
+    # server's close frame comes while the client is still sending the rest.
+    head = bytes([0x81, 0x80 | 127]) + (64 << 20).to_bytes(8, "big") + os.urandom(4)
+    client.sock.sendall(head + b"x" * (64 << 10))
+    assert client.close_code() == 1009
+    for _ in range(32):  # what follows is read and dropped: no reset destroys the close
+        client.sock.sendall(b"x" * (64 << 10))
+    client.sock.shutdown(socket.SHUT_WR)
+    assert client.sock.recv(1 << 16) == b""  # the server's end, after its close frame
+
+
 def test_invalid_utf8_in_a_text_frame_closes_with_1007(client):
     client.sock.sendall(message("state") + client_frame(b"\xff\xfe"))
     assert client.close_code() == 1007
