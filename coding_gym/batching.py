@@ -86,9 +86,10 @@ def batch_infos(entries: list[tuple[int, dict[str, Any]]], num_envs: int) -> dic
 
 
 class PlainBatch:
-    """What a vector step returns when every sub-env stepped plainly (no task, no extra info,
-    no backend failure, no episode's end), filled env by env as the results come in, while
-    the other envs' code still runs; :meth:`infos` then hands the infos out whole.
+    """The results and infos of a vector step whose sub-envs all stepped plainly (no task,
+    no extra info, no backend failure, no episode's end), filled env by env as the results
+    come in, while the other envs' code still runs; :meth:`infos` then hands the infos out
+    whole.
 
     It equals each sub-env's ``CodingEnv._finish_step`` info batched by :func:`batch_infos`
     (the vector env's tests compare them with ``SyncVectorEnv``'s), built column by column

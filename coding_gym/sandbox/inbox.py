@@ -74,7 +74,7 @@ class Inbox:
                 break
         return received
 
-    def receive_result(self) -> tuple[int, int, int, int, int, int] | None:
+    def receive_result(self) -> protocol.ResultFields | None:
         """A plain step's reply, as the fields of its result (``protocol.RESULT``), when it
         comes whole and alone, as from any sound worker; else None, and :meth:`receive`
         returns what came. No fds are read."""

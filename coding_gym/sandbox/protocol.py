@@ -28,6 +28,11 @@ _dumps = json.JSONEncoder(separators=(",", ":")).encode
 _loads = json.JSONDecoder().decode
 
 
+#: A result frame's fields as ``FrameReader.result`` reads them: ``RESULT``'s, the kill
+#: reason as its index in ``KILL_REASONS``.
+ResultFields = tuple[int, int, int, int, int, int]
+
+
 class ProtocolError(Exception):
     """A peer sent bytes that are not a valid message."""
 
@@ -155,7 +160,7 @@ class FrameReader:
         """Bytes are waiting for the rest of their message, or for :meth:`feed`."""
         return bool(self._buffer)
 
-    def result(self, buffer: bytearray, size: int) -> tuple[int, int, int, int, int, int] | None:
+    def result(self, buffer: bytearray, size: int) -> ResultFields | None:
         """The fields of the result frame that ``buffer[:size]`` is (``RESULT``, the kill
         reason as its index) when it is exactly one and nothing came before; else None, and
         the bytes are kept for :meth:`feed`."""

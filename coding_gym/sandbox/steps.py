@@ -21,7 +21,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from coding_gym.models import ExecResult, KillReason, Limits
-from coding_gym.sandbox.protocol import encode_run, kill_reason_of
+from coding_gym.sandbox.protocol import ResultFields, encode_run, kill_reason_of
 
 if TYPE_CHECKING:
     from coding_gym.sandbox.cgroups import Cgroup
@@ -200,7 +200,7 @@ class StepRun:
             if not worker.inbox.connected:
                 self._die()
 
-    def on_result(self, fields: tuple[int, int, int, int, int, int]) -> None:
+    def on_result(self, fields: ResultFields) -> None:
         """Finish the step with the fields of a plain reply (``Inbox.receive_result``): read
         what it left in the pipes, and make the result."""
         exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending = fields

@@ -19,6 +19,7 @@ from concurrent.futures import Executor
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import ExecResult
+from coding_gym.sandbox.protocol import ResultFields
 from coding_gym.sandbox.steps import QUIET_S, StepRun
 from coding_gym.sandbox.supervisor import WorkerProcess
 
@@ -82,7 +83,7 @@ async def drive(backend: LocalBackend, code: str, timeout_s: float, executor: Ex
     return backend.finish(step, result)
 
 
-def drains_on_loop(fields: tuple[int, int, int, int, int, int]) -> bool:
+def drains_on_loop(fields: ResultFields) -> bool:
     """Whether the output a reply says it left in the pipes may be read on the loop (the
     counts come from the worker, whose code could forge them)."""
     return fields[4] <= _LOOP_DRAIN_BYTES and fields[5] <= _LOOP_DRAIN_BYTES
