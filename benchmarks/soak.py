@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 
 from coding_gym.env import CodingEnv
-from coding_gym.sandbox.processes import rss_kb
+from coding_gym.sandbox.processes import descendants, rss_kb
 
 TOKEN = "soak-token"
 TIMEOUT_S = 2.0
@@ -111,25 +111,6 @@ class Tally:
             self.kinds[kind] += 1
             if len(self.errors) < 200:
                 self.errors.append(text)
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            children.setdefault(int(stat[stat.rfind(b")") + 2:].split()[1]), []).append(
-                int(entry))
-    found, frontier = [], [root]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            found.append(child)
-            frontier.append(child)
-    return found
 
 
 def start_time(pid: int) -> int | None:
