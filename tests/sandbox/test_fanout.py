@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
 import pytest
 
-from coding_gym.sandbox.fanout import StepLoop, run_many
+from coding_gym.sandbox import fanout
+from coding_gym.sandbox.fanout import StepLoop, Yielding, run_many
 
 
 def test_run_many_drives_every_step_to_its_own_end(backends):
@@ -85,3 +88,81 @@ def test_done_is_called_for_each_step_as_it_ends_and_its_error_waits_for_the_res
         assert [r.stdout for r in results] == ["next\n"] * 3
     finally:
         loop.close()
+
+
+def _in_thread(body):
+    """Run ``body()`` in a thread of its own (scheduling policies are per thread); its
+    return value, or its exception raised here."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = body()
+        except BaseException as e:  # noqa: BLE001 - raised in the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]
+
+
+def test_the_loop_waits_as_a_batch_thread_and_its_thread_is_normal_again_after(backends):
+    def body() -> tuple[list[int], int, int, int]:
+        os.nice(3)
+        seen: list[int] = []
+        loop = StepLoop()
+        try:
+            loop.run([b.begin("print(1)") for b in backends],
+                     lambda position: seen.append(os.sched_getscheduler(0)))
+            with pytest.raises(ValueError):
+                loop.run([b.begin("print(2)") for b in backends], _raise)
+            after_error = os.sched_getscheduler(0)
+            run_many([b.begin("print(3)") for b in backends])
+        finally:
+            loop.close()
+        return seen, after_error, os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
+
+    seen, after_error, after, nice = _in_thread(body)
+    assert seen == [os.SCHED_BATCH] * 3
+    assert after_error == after == os.SCHED_OTHER
+    assert nice == os.getpriority(os.PRIO_PROCESS, 0) + 3  # its own nice, kept
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the other threads were not touched
+
+
+def _raise(position: int) -> None:
+    raise ValueError(position)
+
+
+@pytest.mark.parametrize("policy", ["SCHED_BATCH", "SCHED_IDLE"])
+def test_a_thread_under_another_policy_keeps_it(backends, policy):
+    chosen = getattr(os, policy)
+
+    def body() -> tuple[list[int], int]:
+        os.sched_setscheduler(0, chosen, os.sched_param(0))
+        seen: list[int] = []
+        loop = StepLoop()
+        try:
+            results = loop.run([b.begin("print(1)") for b in backends],
+                               lambda position: seen.append(os.sched_getscheduler(0)))
+        finally:
+            loop.close()
+        assert [r.stdout for r in results] == ["1\n"] * 3
+        return seen, os.sched_getscheduler(0)
+
+    seen, after = _in_thread(body)
+    assert seen == [chosen] * 3 and after == chosen
+
+
+def test_a_refused_policy_change_leaves_the_thread_as_it_is(backends, monkeypatch):
+    def refuse(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(fanout, "_set_policy", refuse)
+    with Yielding() as yielding:
+        assert not yielding.active and os.sched_getscheduler(0) == os.SCHED_OTHER
+    results = run_many([b.begin("print(1)") for b in backends])
+    assert [r.stdout for r in results] == ["1\n"] * 3
