@@ -109,6 +109,41 @@ def drain(fd: int, capture: Capture, pending: Any = -1) -> None:
             return  # a short read emptied the pipe: spare the read that would say so
 
 
+def collect(fd: int, capture: Capture | None, pending: Any, cap: int) -> tuple[str, bool]:
+    """A stream's text at the step's end, and whether it was cut: ``capture`` holds what was
+    drained from its pipe during the step (None: nothing was), ``pending`` is what the worker
+    says it left there (see :func:`drain`).
+
+    A short output that nothing drained before, as of most steps, is read and decoded
+    as it is, in one read, without a :class:`Capture`.
+    """
+    if capture is None:
+        if type(pending) is not int or pending < 0 or pending > cap or pending > _CHUNK:
+            capture = Capture(cap)
+        elif pending == 0:
+            return "", False
+        else:
+            try:
+                data = os.read(fd, pending)
+            except OSError:
+                data = b""
+            if len(data) == pending:
+                return data.decode("utf-8", "replace"), False
+            capture = Capture(cap)  # the pipe held less than the worker said
+            capture.add(data)
+            pending -= len(data)
+    if pending != 0 or type(pending) is not int:
+        drain(fd, capture, pending)
+    return capture.data.decode("utf-8", "replace"), capture.truncated
+
+
+def with_note(text: str, message: str) -> str:
+    """``text`` and then ``message`` on a line of its own (as :meth:`Capture.note`)."""
+    if text and not text.endswith("\n"):
+        text += "\n"
+    return text + message
+
+
 def note(kind: str, consequence: str, **details: Any) -> str:
     """The line the sandbox adds to stderr when it stopped the interpreter."""
     return f"[coding_gym] {_CAUSES[kind].format(**details)}; {consequence}.\n"
@@ -142,8 +177,9 @@ class StepRun:
                  spent_s: float = 0.0) -> None:
         self.worker = worker
         self.limits = limits
-        self.out = Capture(limits.max_output_bytes)
-        self.err = Capture(limits.max_output_bytes)
+        #: What was drained from the pipes during the step; made when there is some.
+        self.out: Capture | None = None
+        self.err: Capture | None = None
         self.result: ExecResult | None = None
         self.wake_fd = -1
         self.frozen: FrozenCopy | None = None
@@ -160,45 +196,69 @@ class StepRun:
             self.result = unstarted(limits.timeout_s, spent_s)
             return
         request = encode_run(code, budget, snapshot)
-        if not worker.send(request, budget + HARD_KILL_GRACE_S):
-            self._die()
+        try:
+            sent = worker.sock.send(request)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            sent = -1
+        if sent == len(request):
+            return
+        if sent < 0 or not worker.send_rest(request[sent:], budget + HARD_KILL_GRACE_S):
+            self._die()  # the worker is gone
+
+    def _captures(self) -> tuple[Capture, Capture]:
+        """The step's captures of stdout and stderr, made if need be."""
+        cap = self.limits.max_output_bytes
+        if self.out is None:
+            self.out = Capture(cap)
+        if self.err is None:
+            self.err = Capture(cap)
+        return self.out, self.err
 
     def on_event(self, fd: int) -> None:
         """Handle readiness of one of the worker's fds (socket, exit, pipes); may finish the
         step."""
         worker = self.worker
-        if fd == worker.out_fd:
-            drain(fd, self.out)
-        elif fd == worker.err_fd:
-            drain(fd, self.err)
-        elif fd == worker.exit_fd:
-            self._die()
-        else:
+        if fd == worker.sock_fd:
             if not self.snapshot:
                 fields = worker.inbox.receive_result()
                 if fields is not None:
-                    self.on_result(fields)
+                    exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending = fields
+                    self._conclude(exit_code, kill_reason_of(reason), wall_ns, cpu_ns,
+                                   out_pending, err_pending)
                     return
-            for message, fds in worker.inbox.receive(with_fds=self.snapshot):
-                kind = message.get("type")
-                if kind == "result" and not fds:
-                    self._finish(message)
-                    return
-                if kind == "snapshot" and len(fds) == 1 and self.wake_fd < 0:
-                    self.wake_fd = fds[0]
-                    continue
-                for extra in fds:
-                    os.close(extra)
-                if kind == "snapshot":
-                    self._snapshot_error = str(message.get("error", "no copy was made"))
-                elif kind == "result":
-                    self._finish(message)
-                    return
-                else:
-                    self._die()
-                    return
-            if not worker.inbox.connected:
+            self._on_messages()
+        elif fd == worker.out_fd:
+            drain(fd, self._captures()[0])
+        elif fd == worker.err_fd:
+            drain(fd, self._captures()[1])
+        else:  # the worker's exit
+            self._die()
+
+    def _on_messages(self) -> None:
+        """Messages other than a plain result: a transactional step's, or garbage."""
+        worker = self.worker
+        for message, fds in worker.inbox.receive(with_fds=self.snapshot):
+            kind = message.get("type")
+            if kind == "result" and not fds:
+                self._finish(message)
+                return
+            if kind == "snapshot" and len(fds) == 1 and self.wake_fd < 0:
+                self.wake_fd = fds[0]
+                continue
+            for extra in fds:
+                os.close(extra)
+            if kind == "snapshot":
+                self._snapshot_error = str(message.get("error", "no copy was made"))
+            elif kind == "result":
+                self._finish(message)
+                return
+            else:
                 self._die()
+                return
+        if not worker.inbox.connected:
+            self._die()
 
     def on_result(self, fields: ResultFields) -> None:
         """Finish the step with the fields of a plain reply (``Inbox.receive_result``): read
@@ -215,25 +275,23 @@ class StepRun:
     def _conclude(self, exit_code: Any, kill_reason: Any, wall_ns: Any, cpu_ns: Any,
                   out_pending: Any, err_pending: Any) -> None:
         """:meth:`_finish` from the reply's fields, as the worker sent them."""
-        worker, out, err = self.worker, self.out, self.err
-        # Counts from the worker (0 for a silent stream: no read at all); drain checks them.
-        if out_pending != 0 or type(out_pending) is not int:
-            drain(worker.out_fd, out, out_pending)
-        if err_pending != 0 or type(err_pending) is not int:
-            drain(worker.err_fd, err, err_pending)
+        worker, cap = self.worker, self.limits.max_output_bytes
+        # Counts from the worker (0 for a silent stream: no read at all); collect checks them.
+        stdout, out_truncated = collect(worker.out_fd, self.out, out_pending, cap)
+        stderr, err_truncated = collect(worker.err_fd, self.err, err_pending, cap)
         if kill_reason == "timeout" and self.spent_s:
-            err.note(self._spent_note())
+            stderr = with_note(stderr, self._spent_note())
         # Durations are integer nanoseconds from the worker, which agent code could forge.
         # Fields by position, in ExecResult's order: keywords cost a dict per step.
         self.result = ExecResult(
-            out.data.decode("utf-8", "replace"),
-            err.data.decode("utf-8", "replace"),
+            stdout,
+            stderr,
             exit_code if type(exit_code) is int and 0 <= exit_code < 256 else 1,
             (wall_ns / 1e9 if type(wall_ns) is int and wall_ns >= 0
              else _perf_counter() - self.started),
             cpu_ns / 1e9 if type(cpu_ns) is int and cpu_ns >= 0 else 0.0,
-            out.truncated,
-            err.truncated,
+            out_truncated,
+            err_truncated,
             kill_reason if kill_reason in ("timeout", "memory") else None,
         )
 
@@ -267,16 +325,17 @@ class StepRun:
         self._keep_copy()
         worker = self.worker
         worker.kill()
-        drain(worker.out_fd, self.out)
-        drain(worker.err_fd, self.err)
+        out, err = self._captures()
+        drain(worker.out_fd, out)
+        drain(worker.err_fd, err)
         consequence = ROLLED_BACK if self.frozen is not None else LOST
-        self.err.note(note("timeout", consequence, timeout=self.limits.timeout_s))
+        err.note(note("timeout", consequence, timeout=self.limits.timeout_s))
         if self.spent_s:
-            self.err.note(self._spent_note())
+            err.note(self._spent_note())
         self.result = ExecResult(
-            stdout=self.out.text(), stderr=self.err.text(), exit_code=128 + signal.SIGKILL,
-            wall_time_s=_perf_counter() - self.started, stdout_truncated=self.out.truncated,
-            stderr_truncated=self.err.truncated, kill_reason="timeout",
+            stdout=out.text(), stderr=err.text(), exit_code=128 + signal.SIGKILL,
+            wall_time_s=_perf_counter() - self.started, stdout_truncated=out.truncated,
+            stderr_truncated=err.truncated, kill_reason="timeout",
             state_lost=self.frozen is None,
         )
 
@@ -287,8 +346,9 @@ class StepRun:
         returncode = worker.exit_returncode(timeout_s=0.2)
         oom = worker.oom_killed()
         worker.kill()
-        drain(worker.out_fd, self.out)
-        drain(worker.err_fd, self.err)
+        out, err = self._captures()
+        drain(worker.out_fd, out)
+        drain(worker.err_fd, err)
         consequence = ROLLED_BACK if self.frozen is not None else LOST
         reason: KillReason
         if oom:
@@ -302,11 +362,11 @@ class StepRun:
             exit_code = 1 if returncode is None else returncode % 256
             text = note("crash", consequence,
                         status="unknown" if returncode is None else returncode)
-        self.err.note(text)
+        err.note(text)
         self.result = ExecResult(
-            stdout=self.out.text(), stderr=self.err.text(), exit_code=exit_code,
-            wall_time_s=_perf_counter() - self.started, stdout_truncated=self.out.truncated,
-            stderr_truncated=self.err.truncated, kill_reason=reason,
+            stdout=out.text(), stderr=err.text(), exit_code=exit_code,
+            wall_time_s=_perf_counter() - self.started, stdout_truncated=out.truncated,
+            stderr_truncated=err.truncated, kill_reason=reason,
             state_lost=self.frozen is None,
         )
 

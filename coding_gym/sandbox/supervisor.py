@@ -36,6 +36,8 @@ class WorkerProcess(StartUp):
     def __init__(self, channels: Channels, exit_watch: ExitWatch, cgroup: Cgroup | None,
                  zygote: Zygote | None) -> None:
         self.sock = channels.parent
+        #: The socket's fd, for the step loops (it is the same for the worker's whole life).
+        self.sock_fd = self.sock.fileno()
         self.out_fd = channels.out_r
         self.err_fd = channels.err_r
         self.cgroup = cgroup
@@ -73,16 +75,25 @@ class WorkerProcess(StartUp):
                 )
             else:
                 sent = self.sock.send(data)
-            if sent < len(data):
-                # Code bigger than the socket buffer (~400 kB) must wait for the worker to
-                # read it.
-                self.sock.settimeout(timeout_s)
-                try:
-                    self.sock.sendall(data[sent:])
-                finally:
-                    self.sock.setblocking(False)
+        except BlockingIOError:
+            if fds:
+                return False  # not sent, and the fds must come with the first byte
+            sent = 0
         except OSError:
             return False
+        return sent == len(data) or self.send_rest(data[sent:], timeout_s)
+
+    def send_rest(self, data: bytes, timeout_s: float) -> bool:
+        """Send the rest of a message that did not fit in the socket's buffer (code bigger
+        than ~400 kB): wait up to ``timeout_s`` for the worker to read it. False when the
+        worker is gone."""
+        self.sock.settimeout(timeout_s)
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            return False
+        finally:
+            self.sock.setblocking(False)
         return True
 
     def pollers(self) -> tuple[select.poll, select.poll]:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import time
+
+import pytest
+
+from coding_gym.sandbox.steps import Capture, collect
 
 
 def test_the_same_program_twice_gives_the_same_result_and_traceback(backends):
@@ -77,3 +82,47 @@ def test_forged_replies_do_not_break_the_parent(backends):
         for _ in range(3):  # the real reply of the forging step may come first
             after = backend.run("print('still here')")
         assert after.stdout == "still here\n"
+
+
+@pytest.fixture
+def pipe():
+    """A non-blocking pipe as a worker's output: (read end, write end)."""
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    yield read, write
+    os.close(read)
+    os.close(write)
+
+
+def test_collect_reads_what_the_worker_says_it_left(pipe):
+    read, write = pipe
+    os.write(write, "héllo\n".encode())
+    assert collect(read, None, 7, cap=100) == ("héllo\n", False)
+    assert collect(read, None, 0, cap=100) == ("", False)  # silent: no read at all
+
+
+def test_collect_takes_no_more_than_there_is_or_than_the_cap(pipe):
+    read, write = pipe
+    os.write(write, b"short")
+    assert collect(read, None, 1000, cap=100) == ("short", False)  # a count that lies
+    os.write(write, b"x" * 150)
+    assert collect(read, None, 150, cap=100) == ("x" * 100, True)
+    assert collect(read, None, 0, cap=100) == ("", False)  # the rest was read and dropped
+
+
+@pytest.mark.parametrize("pending", [-1, "7", None, True])
+def test_collect_drains_the_pipe_when_the_count_is_unknown_or_forged(pipe, pending):
+    read, write = pipe
+    os.write(write, b"one\ntwo\n")
+    assert collect(read, None, pending, cap=100) == ("one\ntwo\n", False)
+
+
+def test_collect_puts_what_the_step_drained_before_first(pipe):
+    read, write = pipe
+    drained = Capture(10)
+    drained.add(b"early ")
+    os.write(write, b"late output")
+    assert collect(read, drained, 11, cap=10) == ("early late", True)
+    drained = Capture(100)
+    drained.add(b"all of it")
+    assert collect(read, drained, 0, cap=100) == ("all of it", False)
