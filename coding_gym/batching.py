@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-from coding_gym.models import TIMING_RESOLUTION_S, ExecResult
+from coding_gym.models import ExecResult, coarse
 
 #: Info values batched in a numeric array of their own type, as Gymnasium does.
 _SCALARS = (int, float, bool)
@@ -86,38 +86,51 @@ def batch_infos(entries: list[tuple[int, dict[str, Any]]], num_envs: int) -> dic
 
 
 class PlainBatch:
-    """The results of a vector step whose sub-envs all stepped plainly (no task, no extra
-    info, no backend failure, no episode's end), filled env by env as the results come in,
-    while the other envs' code still runs; :meth:`infos` then makes their infos, column by
-    column.
+    """The results and infos of a vector step whose sub-envs all stepped plainly (no task,
+    no extra info, no backend failure, no episode's end), filled env by env as the results
+    come in, while the other envs' code still runs; :meth:`infos` then hands the infos out
+    whole.
 
     It equals each sub-env's ``CodingEnv._finish_step`` info batched by :func:`batch_infos`
-    (the vector env's tests compare them with ``SyncVectorEnv``'s), without a dict per env.
+    (the vector env's tests compare them with ``SyncVectorEnv``'s), built column by column
+    rather than as one dict per env, turned into columns once all are in.
     """
 
-    __slots__ = ("results",)
+    __slots__ = ("results", "_wall", "_cpu", "_out_truncated", "_err_truncated",
+                 "_kill_reason", "_state_lost")
 
     def __init__(self, num_envs: int) -> None:
         self.results: list[ExecResult | None] = [None] * num_envs
+        self._wall = np.empty(num_envs, dtype=float)
+        self._cpu = np.empty(num_envs, dtype=float)
+        self._out_truncated = np.empty(num_envs, dtype=np.bool_)
+        self._err_truncated = np.empty(num_envs, dtype=np.bool_)
+        self._kill_reason = np.empty(num_envs, dtype=object)
+        self._state_lost = np.empty(num_envs, dtype=np.bool_)
 
     def add(self, k: int, result: ExecResult) -> None:
         """The k-th env's result is in."""
         self.results[k] = result
+        self._wall[k] = coarse(result.wall_time_s)
+        self._cpu[k] = coarse(result.cpu_time_s)
+        self._out_truncated[k] = result.stdout_truncated
+        self._err_truncated[k] = result.stderr_truncated
+        self._kill_reason[k] = result.kill_reason
+        self._state_lost[k] = result.state_lost
 
     def infos(self, episode_ids: list[str | None], steps: list[int]) -> dict[str, Any]:
         """The batched infos, once every result is in."""
-        results: list[ExecResult] = self.results  # type: ignore[assignment]  # all are in
-        num_envs = len(results)
+        num_envs = len(steps)
         present = np.empty(num_envs, dtype=np.bool_)
         present.fill(True)
         infos: dict[str, Any] = {}
         for key, array in (
-            ("wall_time_s", _coarse([r.wall_time_s for r in results])),
-            ("cpu_time_s", _coarse([r.cpu_time_s for r in results])),
-            ("stdout_truncated", np.array([r.stdout_truncated for r in results], np.bool_)),
-            ("stderr_truncated", np.array([r.stderr_truncated for r in results], np.bool_)),
-            ("kill_reason", np.array([r.kill_reason for r in results], dtype=object)),
-            ("state_lost", np.array([r.state_lost for r in results], dtype=np.bool_)),
+            ("wall_time_s", self._wall),
+            ("cpu_time_s", self._cpu),
+            ("stdout_truncated", self._out_truncated),
+            ("stderr_truncated", self._err_truncated),
+            ("kill_reason", self._kill_reason),
+            ("state_lost", self._state_lost),
             ("episode_id", np.array(episode_ids, dtype=object)),
             ("step", np.array(steps, dtype=int)),
             ("infra_error", np.empty(num_envs, dtype=object)),
@@ -125,15 +138,6 @@ class PlainBatch:
             infos[key] = array
             infos["_" + key] = present.copy()
         return infos
-
-
-def _coarse(seconds: list[float]) -> np.ndarray:
-    """:func:`~coding_gym.models.coarse` of each value, in one array (the same operations
-    on the same float64 values, so the same results)."""
-    array = np.array(seconds, dtype=np.float64)
-    np.floor(array * (1 / TIMING_RESOLUTION_S) + 1e-9, out=array)
-    array *= TIMING_RESOLUTION_S
-    return array
 
 
 def _whole_infos(keys: list[str], entries: list[tuple[int, dict[str, Any]]],

@@ -215,15 +215,3 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="max_episode_steps must be positive"):
         CodingVectorEnv(1, max_episode_steps=0)
 
-
-def test_plain_steps_round_their_timings_as_a_single_env_does():
-    # The vector env rounds a batch's timings in one array (batching._coarse); a single env
-    # rounds each with models.coarse. Both must give the very same floats.
-    from coding_gym.batching import _coarse
-    from coding_gym.models import TIMING_RESOLUTION_S, coarse
-
-    rng = np.random.default_rng(0)
-    edges = [k * TIMING_RESOLUTION_S for k in range(200)]
-    values = [0.0, 1e-9, 0.0099999999, 0.01, 0.029999999999999995, 3.3, 1e6, *edges,
-              *(edge - 1e-12 for edge in edges), *rng.uniform(0, 100, 2000)]
-    np.testing.assert_array_equal(_coarse(values), [coarse(value) for value in values])
