@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="accept WebSocket compression (permessage-deflate) from clients "
                             "that offer it: less traffic for large outputs over a slow link, "
                             "more CPU per message on both ends (default: declined)")
+    serve.add_argument("--no-batch", action="store_true",
+                       help="keep the event loop a normal thread instead of a batch thread "
+                            "(SCHED_BATCH, the default: more steps/s with many sessions, the "
+                            "same latency with one)")
     _add_limit_arguments(serve, "longest step a client may ask for")
     serve.add_argument("--open", action="store_true",
                        help="open the web UI in a browser once the server listens")
@@ -172,6 +176,8 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     # uvicorn re-raises Ctrl-C after its shutdown, but asyncio's runner may turn that into a
     # cancellation of a task that has already finished, and run() then returns normally.
     server.handle_exit = note_interrupt  # type: ignore[method-assign]
+    if not args.no_batch:
+        serving.wait_as_batch()
     try:
         server.run(sockets=[sock])
     except KeyboardInterrupt:

@@ -155,3 +155,29 @@ def test_commands_are_subcommands(capsys):
         main([])
     assert exited.value.code == 2
     assert "serve" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "batch"), [((), True), (("--no-batch",), False)],
+                         ids=["default", "no-batch"])
+def test_serve_runs_its_event_loop_as_a_batch_thread_unless_asked_not_to(flags, batch):
+    from coding_gym.sandbox.processes import descendants
+
+    process, url = _serve(*flags)
+    try:
+        body = httpx.post(f"{url}/step", json={"action": {"code": "print(1)"}}).json()
+        assert body["observation"]["stdout"] == "1\n"
+        loop_policy = os.sched_getscheduler(process.pid)  # the main thread runs the loop
+        zygotes = [pid for pid in descendants(process.pid)
+                   if _parent_of(pid) == process.pid]
+        zygote_policies = {os.sched_getscheduler(pid) for pid in zygotes}
+    finally:
+        _stop(process)
+    assert process.returncode == 130
+    assert loop_policy == (os.SCHED_BATCH if batch else os.SCHED_OTHER)
+    # The zygote, started from the loop, puts itself back: its spares start up as before.
+    assert zygotes and zygote_policies == {os.SCHED_OTHER}
+
+
+def _parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])

@@ -57,3 +57,29 @@ def _thread_heaps(mode: str) -> int:
 def test_tuned_allocator_keeps_threads_on_one_heap():
     assert _thread_heaps("default") >= 1, "threads should get heaps of their own by default"
     assert _thread_heaps("tuned") == 0
+
+
+
+# Reports (as JSON) what wait_as_batch did to the calling thread, and whether a second call
+# (on a thread no longer normal) changed anything.
+_WAIT_AS_BATCH = """
+import json, os
+from coding_gym.server import serving
+os.nice(2)
+report = {"changed": serving.wait_as_batch(), "policy": os.sched_getscheduler(0),
+          "nice": os.getpriority(os.PRIO_PROCESS, 0), "again": serving.wait_as_batch()}
+print(json.dumps(report))
+"""
+
+
+def test_the_event_loop_thread_waits_as_a_batch_thread_with_its_nice_value():
+    import json
+    import os
+
+    done = subprocess.run([sys.executable, "-c", _WAIT_AS_BATCH], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["changed"] is True and report["policy"] == os.SCHED_BATCH
+    assert report["nice"] == os.getpriority(os.PRIO_PROCESS, 0) + 2  # kept
+    assert report["again"] is False  # a thread not under SCHED_OTHER is left alone
