@@ -53,12 +53,7 @@ class Yielding:
         self.active = False
 
     def __enter__(self) -> Yielding:
-        try:
-            if _get_policy(0) == _SCHED_OTHER:
-                _set_policy(0, _SCHED_BATCH, _PARAM)
-                self.active = True
-        except OSError:
-            pass
+        self.active = become_batch()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -68,6 +63,18 @@ class Yielding:
                 _set_policy(0, _SCHED_OTHER, _PARAM)
             except OSError:
                 pass
+
+
+def become_batch() -> bool:
+    """Make the calling thread a batch thread if it is a normal one (``SCHED_OTHER``);
+    whether it did. Its nice value is kept; a refused system call leaves it as it was."""
+    try:
+        if _get_policy(0) != _SCHED_OTHER:
+            return False
+        _set_policy(0, _SCHED_BATCH, _PARAM)
+    except OSError:
+        return False
+    return True
 
 
 _get_policy, _set_policy = os.sched_getscheduler, os.sched_setscheduler

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import re
 import socket
 import threading
@@ -13,6 +12,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from coding_gym.sandbox.fanout import become_batch
 from coding_gym.server.wsprotocol import DirectFramesProtocol
 
 _TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s\"]*")
@@ -75,13 +75,7 @@ def wait_as_batch() -> bool:
     wait for workers too. The zygote puts itself back under the normal policy, which its
     spares need to start up quickly.
     """
-    try:
-        if os.sched_getscheduler(0) != os.SCHED_OTHER:
-            return False
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (OSError, AttributeError):  # refused, or not Linux
-        return False
-    return True
+    return become_batch()
 
 
 def uvicorn_config(app: FastAPI, **options: Any) -> uvicorn.Config:
