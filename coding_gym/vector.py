@@ -26,7 +26,6 @@ from coding_gym.errors import BackendError
 from coding_gym.models import ExecResult
 from coding_gym.sandbox.fanout import StepLoop
 from coding_gym.sandbox.steps import StepRun
-from coding_gym.transforms import Compose
 
 #: ``finish(k, result, infra error)``: the k-th step of a batch has ended.
 Finish = Callable[[int, ExecResult, "str | None"], None]
@@ -233,10 +232,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             assert result is not None  # every result is in
             env._last = (code, result)
             env_obs[i] = observation_of(result)
-            shaping = env.reward_transforms
-            # No shaping (the default): the reward is 0.0, without a call.
-            rewards[i] = (0.0 if type(shaping) is Compose and not shaping.transforms
-                          else shaping(code, result, 0.0))
+            rewards[i] = env.reward_transforms(code, result, 0.0)
         self._terminations.fill(False)
         self._truncations.fill(False)
         self._autoreset_envs.fill(False)

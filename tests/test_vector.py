@@ -214,4 +214,3 @@ def test_bad_arguments():
         CodingVectorEnv(0)
     with pytest.raises(ValueError, match="max_episode_steps must be positive"):
         CodingVectorEnv(1, max_episode_steps=0)
-

@@ -196,16 +196,8 @@ class StepRun:
             self.result = unstarted(limits.timeout_s, spent_s)
             return
         request = encode_run(code, budget, snapshot)
-        try:
-            sent = worker.sock.send(request)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            sent = -1
-        if sent == len(request):
-            return
-        if sent < 0 or not worker.send_rest(request[sent:], budget + HARD_KILL_GRACE_S):
-            self._die()  # the worker is gone
+        if not worker.send(request, budget + HARD_KILL_GRACE_S):
+            self._die()
 
     def _captures(self) -> tuple[Capture, Capture]:
         """The step's captures of stdout and stderr, made if need be."""
@@ -224,9 +216,7 @@ class StepRun:
             if not self.snapshot:
                 fields = worker.inbox.receive_result()
                 if fields is not None:
-                    exit_code, reason, wall_ns, cpu_ns, out_pending, err_pending = fields
-                    self._conclude(exit_code, kill_reason_of(reason), wall_ns, cpu_ns,
-                                   out_pending, err_pending)
+                    self.on_result(fields)
                     return
             self._on_messages()
         elif fd == worker.out_fd:

@@ -81,15 +81,12 @@ class WorkerProcess(StartUp):
             sent = 0
         except OSError:
             return False
-        return sent == len(data) or self.send_rest(data[sent:], timeout_s)
-
-    def send_rest(self, data: bytes, timeout_s: float) -> bool:
-        """Send the rest of a message that did not fit in the socket's buffer (code bigger
-        than ~400 kB): wait up to ``timeout_s`` for the worker to read it. False when the
-        worker is gone."""
+        if sent == len(data):
+            return True
+        # Code bigger than the socket buffer (~400 kB) must wait for the worker to read it.
         self.sock.settimeout(timeout_s)
         try:
-            self.sock.sendall(data)
+            self.sock.sendall(data[sent:])
         except OSError:
             return False
         finally:
