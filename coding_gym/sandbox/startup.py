@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from coding_gym.errors import WorkerStartError
 from coding_gym.sandbox import bootstrap, walls
+from coding_gym.sandbox.capture import Capture, drain
 from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.channels import Channels
 from coding_gym.sandbox.exits import ExitWatch, OrphanExit, ReportedExit, SpawnedExit
 from coding_gym.sandbox.frozen import FrozenCopy, open_pidfd
 from coding_gym.sandbox.inbox import Inbox
-from coding_gym.sandbox.steps import Capture, drain
 from coding_gym.sandbox.zygote import Zygote, ZygoteError
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from coding_gym.sandbox.steps import Capture, collect
+from coding_gym.sandbox.capture import Capture, collect
 
 
 def test_the_same_program_twice_gives_the_same_result_and_traceback(backends):
