@@ -28,11 +28,12 @@ import platform
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 from websockets.asyncio.client import connect
@@ -69,7 +70,11 @@ def _timed(step: Callable[[], object], steps: int, warm_up: int = WARM_UP) -> li
 
 @contextmanager
 def serving(max_sessions: int) -> Iterator[str]:
-    """``coding-gym serve`` on a free loopback port; yields its URL."""
+    """``coding-gym serve`` on a free loopback port; yields its URL.
+
+    What it prints after its URL (a line per HTTP request) is read and dropped as it comes:
+    left in the pipe, it would fill it after a few hundred requests, and the server would
+    stop in the middle of writing a line."""
     process = subprocess.Popen(
         [sys.executable, "-m", "coding_gym.cli", "serve", "--port", "0",
          "--max-sessions", str(max_sessions)],
@@ -79,10 +84,16 @@ def serving(max_sessions: int) -> Iterator[str]:
         line = process.stdout.readline()
         if " on http://" not in line:
             raise RuntimeError(f"the server did not start: {line!r}")
+        threading.Thread(target=_drop_lines, args=(process.stdout,), daemon=True).start()
         yield line.split(" on ", 1)[1].strip()
     finally:
         process.terminate()
         process.wait(30)
+
+
+def _drop_lines(stream: IO[str]) -> None:
+    for _ in stream:
+        pass
 
 
 @contextmanager
