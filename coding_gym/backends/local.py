@@ -12,7 +12,7 @@ from typing import Any, Literal
 from coding_gym.backends.episode import Episode, Home, Snapshot
 from coding_gym.errors import BackendError, SnapshotError, WorkerStartError
 from coding_gym.models import ExecResult, Isolation, Limits
-from coding_gym.sandbox import cgroups, isolation, steps, zygote
+from coding_gym.sandbox import affinity, cgroups, isolation, steps, zygote
 from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.frozen import FrozenCopy
 from coding_gym.sandbox.startup import once
@@ -35,6 +35,8 @@ _MB = 1 << 20
 #: only a fresh interpreter's start, or a busy server, takes longer.
 UNCOUNTED_WAIT_S = 0.01
 _monotonic = time.monotonic
+_current_cpu = affinity.current_cpu
+_FREE = affinity.FREE
 _ROLLED_BACK_NOTE = ("[coding_gym] the step was rolled back: the interpreter is as it was "
                      "before it.\n")
 
@@ -157,21 +159,31 @@ class LocalBackend:
         fresh interpreter: the code gets what is left. A wait under
         :data:`UNCOUNTED_WAIT_S` is not counted.
         """
-        step = self.begin(code, timeout_s=timeout_s, asked_at=asked_at)
+        step = self.begin(code, timeout_s=timeout_s, asked_at=asked_at, follow=True)
         return self.finish(step, step.wait())
 
     def begin(self, code: str, *, timeout_s: float | None = None,
-              asked_at: float | None = None) -> StepRun:
+              asked_at: float | None = None, follow: bool = False) -> StepRun:
         """Send ``code`` to the worker without waiting: the first half of :meth:`run`.
 
         Drive the step with :func:`coding_gym.sandbox.fanout.run_many` (which can drive steps
         of many backends at once), then pass it with its result to :meth:`finish`.
+
+        ``follow``: the calling thread will wait for the step itself, as :meth:`run` does, so
+        the worker waits between steps on that thread's CPU (see
+        :mod:`coding_gym.sandbox.affinity`). Without it, the worker runs on any CPU.
         """
         worker = self._episode.worker
         if worker is None or not worker.alive or self._closed:
             if asked_at is None:
                 asked_at = _monotonic()
             worker = self._live_worker()
+        if follow:
+            cpu = _current_cpu()
+            if cpu != worker.cpu:
+                worker.follow(cpu)
+        elif worker.cpu != _FREE:
+            worker.release()
         limits = self.limits if timeout_s is None else self.limits.with_timeout(timeout_s)
         spent = 0.0 if asked_at is None else _monotonic() - asked_at
         if spent < UNCOUNTED_WAIT_S:

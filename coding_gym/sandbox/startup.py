@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from coding_gym.errors import WorkerStartError
-from coding_gym.sandbox import bootstrap, walls
+from coding_gym.sandbox import affinity, bootstrap, walls
 from coding_gym.sandbox.capture import Capture, drain
 from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.channels import Channels
@@ -48,6 +48,7 @@ class StartUp:
     zygote: Zygote | None
     pid: int
     pidfd: int | None
+    cpu: int
     inbox: Inbox
     isolation: dict[str, Any]
     _exit: ExitWatch
@@ -201,6 +202,7 @@ class StartUp:
                ) -> _W:
         """Finish the start of a copy: learn its pid, then have its exit reported."""
         worker = cls(channels, ExitWatch(), cgroup, zygote)
+        worker.cpu = affinity.UNKNOWN  # a copy: pinned where the worker it copies was, if it was
         worker._await_ready(origin=origin, before_joining=before_joining)
         exit_watch: ExitWatch = OrphanExit(worker.pidfd)
         if zygote is not None and zygote.alive:

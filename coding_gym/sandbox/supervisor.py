@@ -19,7 +19,7 @@ from typing import Any
 
 from coding_gym.errors import SnapshotError
 from coding_gym.models import ExecResult, Limits
-from coding_gym.sandbox import processes, protocol
+from coding_gym.sandbox import affinity, processes, protocol
 from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.channels import Channels
 from coding_gym.sandbox.exits import ExitWatch, SpawnedExit
@@ -55,6 +55,12 @@ class WorkerProcess(StartUp):
         self._joins_itself = False
         self._pollers: tuple[select.poll, select.poll] | None = None
         self.alive = True
+        #: The CPU the worker is pinned to (see affinity.py), or affinity.FREE, or
+        #: affinity.UNKNOWN (a copy of a worker that may have been pinned).
+        self.cpu = affinity.FREE
+        self._may_follow = True
+        #: The CPUs the worker had before it was first pinned; empty when not known.
+        self._free_cpus: set[int] = set()
         #: Isolation layer -> {"active", "detail"}, as the worker reported it when ready.
         self.isolation: dict[str, Any] = {}
         # Guards ``alive`` against interrupt() from another thread while kill() reaps: a reaped
@@ -125,6 +131,39 @@ class WorkerProcess(StartUp):
             if self._exit.fd >= 0 and select.select([self._exit.fd], [], [], 0)[0]:
                 break
         return {"type": "error", "message": "the worker is gone"}, []
+
+    # -- Placement (see affinity.py) -----------------------------------------------------------
+
+    def follow(self, cpu: int) -> None:
+        """Wait between steps on ``cpu``, the CPU of the thread that steps the worker, as an
+        idle-priority process; if that is refused, stay free from then on."""
+        if cpu == self.cpu or cpu < 0 or not self._may_follow:
+            return
+        if self._gone():
+            return
+        before = affinity.pin(self.pid, cpu, first=self.cpu < 0)
+        if before is None:
+            self._may_follow = False
+            self.cpu = affinity.UNKNOWN  # half of the pin may have been done
+            self.release()
+            return
+        if self.cpu == affinity.FREE:
+            self._free_cpus = before
+        self.cpu = cpu
+
+    def release(self) -> None:
+        """Undo :meth:`follow`: every CPU again, for the worker and what it started."""
+        if self.cpu == affinity.FREE:
+            return
+        self.cpu = affinity.FREE
+        if not self._gone():
+            affinity.release(self.cgroup.pids() if self.cgroup is not None else (self.pid,),
+                             self._free_cpus or affinity.process_cpus())
+
+    def _gone(self) -> bool:
+        """The worker exited (or cannot be told from a process that took its pid since)."""
+        return (not self.alive or self.pidfd is None
+                or bool(select.select((self.pidfd,), (), (), 0)[0]))
 
     def begin(self, code: str, limits: Limits, *, snapshot: bool = False,
               parking: Cgroup | None = None, spent_s: float = 0.0) -> StepRun:

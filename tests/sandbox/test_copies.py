@@ -8,7 +8,7 @@ import time
 import pytest
 
 from coding_gym.backends.local import LocalBackend
-from coding_gym.models import Limits
+from coding_gym.models import ExecResult, Limits
 from coding_gym.sandbox import zygote
 from tests.helpers import descendant_pids
 
@@ -130,17 +130,24 @@ def test_restoring_many_times_leaves_one_frozen_process(no_leaked_processes):
 def test_snapshotting_restored_and_rolled_back_workers_keep_the_worker_scheduling_policy(
         backend):
     policy = "import os\nprint(os.sched_getscheduler(0))"
-    expected = backend.run(policy).stdout
+    # Steps begun as a loop begins them: a worker that follows the thread that steps it
+    # changes its policy for that (see test_affinity.py).
+    expected = _step(backend, policy).stdout
     with backend.snapshot() as snapshot:
         # The worker's policy changes while it forks the copy, and is back once it replied.
-        assert backend.run(policy).stdout == expected
+        assert _step(backend, policy).stdout == expected
         backend.restore(snapshot)
-        assert backend.run(policy).stdout == expected
+        assert _step(backend, policy).stdout == expected
     with LocalBackend(Limits(timeout_s=1.0), transactional=True) as transactional:
         transactional.reset()
-        expected = transactional.run(policy).stdout
-        assert transactional.run("import os\nos._exit(3)").extra["rolled_back"] is True
-        assert transactional.run(policy).stdout == expected
+        expected = _step(transactional, policy).stdout
+        assert _step(transactional, "import os\nos._exit(3)").extra["rolled_back"] is True
+        assert _step(transactional, policy).stdout == expected
+
+
+def _step(backend: LocalBackend, code: str) -> ExecResult:
+    step = backend.begin(code)
+    return backend.finish(step, step.wait())
 
 
 def test_a_copy_of_a_spawned_worker_is_out_of_its_tree_when_the_snapshot_returns():

@@ -111,10 +111,11 @@ def test_each_worker_gets_fresh_random_state():
 
 @pytest.mark.parametrize("start_method", ["zygote", "spawn"])
 def test_a_ready_worker_is_a_batch_process(start_method):
-    # Woken by a request, it must not preempt the parent sending requests to other workers.
+    # Woken by a request, it must not preempt the parent sending requests to other workers
+    # (as the vector env's fan-out begins steps; one thread's own steps: test_affinity.py).
     with _backend(start_method=start_method) as backend:
-        code = "import os\nprint(os.sched_getscheduler(0) == os.SCHED_BATCH)"
-        assert backend.run(code).stdout == "True\n"
+        step = backend.begin("import os\nprint(os.sched_getscheduler(0) == os.SCHED_BATCH)")
+        assert step.wait().stdout == "True\n"
 
 
 def test_each_worker_gets_its_own_limits():

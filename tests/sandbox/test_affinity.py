@@ -1,0 +1,143 @@
+"""A worker stepped by one thread waits on that thread's CPU (see sandbox/affinity.py)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+
+from coding_gym.backends import local
+from coding_gym.backends.local import LocalBackend
+from coding_gym.models import Limits
+
+T = TypeVar("T")
+CPUS = sorted(os.sched_getaffinity(0))
+two_cpus = pytest.mark.skipif(len(CPUS) < 2, reason="following a thread to another CPU "
+                                                    "takes two CPUs")
+
+
+def _on_cpu(cpu: int, body: Callable[[], T]) -> T:
+    """``body()`` in a thread of its own, allowed only ``cpu`` (this thread keeps its CPUs)."""
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        os.sched_setaffinity(0, (cpu,))
+        try:
+            outcome["value"] = body()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
+
+
+def _placement(pid: int) -> tuple[set[int], int]:
+    return os.sched_getaffinity(pid), os.sched_getscheduler(pid)
+
+
+def _pin(tid: int, cpu: int) -> None:
+    os.sched_setaffinity(tid, (cpu,))
+    os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _threads(pid: int) -> list[int]:
+    return sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
+
+
+@pytest.fixture
+def backend():
+    started = LocalBackend(Limits(timeout_s=5.0))
+    started.reset()
+    yield started
+    started.close()
+
+
+@two_cpus
+def test_the_worker_waits_on_the_cpu_of_the_thread_that_steps_it(backend):
+    pid = backend.worker_pid
+    assert _placement(pid) == (set(CPUS), os.SCHED_BATCH)  # free until stepped
+    for cpu in (CPUS[-1], CPUS[0]):
+        assert _on_cpu(cpu, lambda: backend.run("x = 1\nprint(x)")).stdout == "1\n"
+        assert _placement(pid) == ({cpu}, os.SCHED_IDLE)
+    assert backend.worker_pid == pid  # the same interpreter throughout
+    assert backend.run("print(x + 1)").stdout == "2\n"
+
+
+def test_a_step_that_outlasts_the_quiet_window_frees_the_worker_and_its_threads(backend):
+    pid = backend.worker_pid
+    started = backend.run("import threading, time\n"
+                          "stop = threading.Event()\n"
+                          "helper = threading.Thread(target=stop.wait)\n"
+                          "helper.start()")
+    assert started.exit_code == 0
+    helper = [tid for tid in _threads(pid) if tid != pid]
+    assert len(helper) == 1
+    _on_cpu(CPUS[0], lambda: backend.run("print(1)"))
+    # As a thread started by a quick step of a pinned worker is: pinned and idle-priority.
+    _pin(helper[0], CPUS[0])
+    assert _placement(pid) == _placement(helper[0]) == ({CPUS[0]}, os.SCHED_IDLE)
+    _on_cpu(CPUS[0], lambda: backend.run("time.sleep(0.05)"))
+    for tid in (pid, helper[0]):
+        assert _placement(tid) == (set(CPUS), os.SCHED_BATCH)
+    backend.run("stop.set(); helper.join()")
+
+
+def test_a_step_begun_for_a_loop_frees_a_worker_a_thread_had_pinned(backend):
+    pid = backend.worker_pid
+    _on_cpu(CPUS[0], lambda: backend.run("print(1)"))
+    assert _placement(pid) == ({CPUS[0]}, os.SCHED_IDLE)
+    step = backend.begin("print(2)")  # as the vector env and the server begin their steps
+    assert backend.finish(step, step.wait()).stdout == "2\n"
+    assert _placement(pid) == (set(CPUS), os.SCHED_BATCH)
+
+
+def test_a_copy_that_may_have_been_pinned_is_freed_by_its_first_loop_step(backend):
+    backend.run("x = 41")
+    with backend.fork() as forked:
+        pid = forked.worker_pid
+        # A copy of a worker starts as the worker was when copied, pinned maybe: its first
+        # step from a loop makes sure it is free.
+        _pin(pid, CPUS[0])
+        step = forked.begin("print(x + 1)")
+        assert forked.finish(step, step.wait()).stdout == "42\n"
+        assert _placement(pid) == (set(CPUS), os.SCHED_BATCH)
+
+
+def test_a_refused_pin_leaves_the_worker_free_and_is_not_tried_again(backend, monkeypatch):
+    calls: list[tuple[int, object]] = []
+
+    allow = os.sched_setaffinity
+
+    def refuse(pid: int, cpus: object) -> None:
+        if pid == 0:  # the test's thread, which moves to its CPU
+            return allow(pid, cpus)
+        calls.append((pid, cpus))
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    for _ in range(3):
+        assert _on_cpu(CPUS[0], lambda: backend.run("print(1)")).stdout == "1\n"
+    assert [cpus for _, cpus in calls if cpus == (CPUS[0],)] == [(CPUS[0],)]  # tried once
+    monkeypatch.undo()
+    assert _placement(backend.worker_pid) == (set(CPUS), os.SCHED_BATCH)
+
+
+def test_a_thread_whose_cpu_is_unknown_leaves_the_worker_free(backend, monkeypatch):
+    monkeypatch.setattr(local, "_current_cpu", lambda: -1)
+    assert backend.run("print(1)").stdout == "1\n"
+    assert _placement(backend.worker_pid) == (set(CPUS), os.SCHED_BATCH)
+
+
+def test_a_worker_that_died_is_not_touched(backend):
+    _on_cpu(CPUS[0], lambda: backend.run("print(1)"))
+    result = backend.run("import os\nos._exit(3)")
+    assert result.exit_code == 3 and result.state_lost
+    assert _on_cpu(CPUS[0], lambda: backend.run("print(2)")).stdout == "2\n"
+    assert _placement(backend.worker_pid) == ({CPUS[0]}, os.SCHED_IDLE)  # the new worker
