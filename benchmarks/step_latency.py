@@ -3,7 +3,8 @@
 Side by side in one run, sampled in turns so the machine's load weighs on all alike:
 - in-process ``exec`` with stdout redirected (the floor: no isolation at all);
 - a raw pipe round trip to a minimal echo child (the floor of any worker process design);
-- a ping of the env's own worker over its socket (the round trip ``env.step`` builds on);
+- a ping of the env's own worker over its socket, the worker placed as a step places it
+  (the round trip ``env.step`` builds on);
 - a raw worker: the smallest process that runs code and returns its output;
 - ``CodingEnv.step`` on the local backend (full isolation, fd-level capture, limits);
 - a fresh ``sys.executable -c`` per step (the naive design; fewer samples, it is slow).
@@ -80,6 +81,7 @@ def run(steps: int = 2000, spawn_steps: int = 50) -> dict[str, Any]:
     ping = protocol.encode({"cmd": "ping"})
 
     def worker_ping() -> None:
+        worker.place(follow=True)  # where env.step has the worker wait (sandbox/affinity.py)
         worker.sock.send(ping)
         select.select([worker.sock], [], [])
         worker.sock.recv(65536)

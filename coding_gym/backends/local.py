@@ -12,7 +12,7 @@ from typing import Any, Literal
 from coding_gym.backends.episode import Episode, Home, Snapshot
 from coding_gym.errors import BackendError, SnapshotError, WorkerStartError
 from coding_gym.models import ExecResult, Isolation, Limits
-from coding_gym.sandbox import affinity, cgroups, isolation, steps, zygote
+from coding_gym.sandbox import cgroups, isolation, steps, zygote
 from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.frozen import FrozenCopy
 from coding_gym.sandbox.startup import once
@@ -35,8 +35,6 @@ _MB = 1 << 20
 #: only a fresh interpreter's start, or a busy server, takes longer.
 UNCOUNTED_WAIT_S = 0.01
 _monotonic = time.monotonic
-_current_cpu = affinity.current_cpu
-_FREE = affinity.FREE
 _ROLLED_BACK_NOTE = ("[coding_gym] the step was rolled back: the interpreter is as it was "
                      "before it.\n")
 
@@ -164,26 +162,19 @@ class LocalBackend:
 
     def begin(self, code: str, *, timeout_s: float | None = None,
               asked_at: float | None = None, follow: bool = False) -> StepRun:
-        """Send ``code`` to the worker without waiting: the first half of :meth:`run`.
+        """Send ``code`` to the worker without waiting: the first half of :meth:`run`. Drive
+        the step with :func:`coding_gym.sandbox.fanout.run_many` (which can drive steps of
+        many backends at once), then pass it with its result to :meth:`finish`.
 
-        Drive the step with :func:`coding_gym.sandbox.fanout.run_many` (which can drive steps
-        of many backends at once), then pass it with its result to :meth:`finish`.
-
-        ``follow``: the calling thread will wait for the step itself, as :meth:`run` does, so
-        the worker waits between steps on that thread's CPU (see
-        :mod:`coding_gym.sandbox.affinity`). Without it, the worker runs on any CPU.
+        ``follow``: the calling thread waits for the step itself (as in :meth:`run`), so the
+        worker may wait on its CPU (:mod:`coding_gym.sandbox.affinity`).
         """
         worker = self._episode.worker
         if worker is None or not worker.alive or self._closed:
             if asked_at is None:
                 asked_at = _monotonic()
             worker = self._live_worker()
-        if follow:
-            cpu = _current_cpu()
-            if cpu != worker.cpu:
-                worker.follow(cpu)
-        elif worker.cpu != _FREE:
-            worker.release()
+        worker.place(follow and not self.transactional)  # its copy forks, as in snapshot()
         limits = self.limits if timeout_s is None else self.limits.with_timeout(timeout_s)
         spent = 0.0 if asked_at is None else _monotonic() - asked_at
         if spent < UNCOUNTED_WAIT_S:
@@ -235,6 +226,7 @@ class LocalBackend:
         user isolation layer it counts against ``Limits.max_processes`` of the episode's uid.
         """
         worker = self._live_worker()
+        worker.place(follow=False)  # its copies fork on every CPU, under the batch policy
         episode = self._episode
         assert episode.home is not None
         snapshot = Snapshot(worker.snapshot(self._parking()), episode.home.share())
@@ -268,6 +260,7 @@ class LocalBackend:
         are independent. Close the new backend like any other.
         """
         worker = self._live_worker()
+        worker.place(follow=False)  # as in snapshot()
         episode = self._episode
         assert episode.home is not None
         clone = LocalBackend(self.limits, self.isolation, start_method=self.start_method,

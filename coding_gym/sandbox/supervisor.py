@@ -29,6 +29,8 @@ from coding_gym.sandbox.startup import START_TIMEOUT_S, StartUp, close_all
 from coding_gym.sandbox.steps import StepRun
 from coding_gym.sandbox.zygote import Zygote
 
+_current_cpu = affinity.current_cpu
+
 
 class WorkerProcess(StartUp):
     """One live worker. Create it with :meth:`start`; it is gone after :meth:`kill`."""
@@ -134,6 +136,16 @@ class WorkerProcess(StartUp):
 
     # -- Placement (see affinity.py) -----------------------------------------------------------
 
+    def place(self, follow: bool) -> None:
+        """Before a step: wait between steps on the calling thread's CPU from now on
+        (``follow``), or run on any CPU."""
+        if follow:
+            cpu = _current_cpu()
+            if cpu != self.cpu:
+                self.follow(cpu)
+        elif self.cpu != affinity.FREE:
+            self.release()
+
     def follow(self, cpu: int) -> None:
         """Wait between steps on ``cpu``, the CPU of the thread that steps the worker, as an
         idle-priority process; if that is refused, stay free from then on."""
@@ -162,8 +174,13 @@ class WorkerProcess(StartUp):
 
     def _gone(self) -> bool:
         """The worker exited (or cannot be told from a process that took its pid since)."""
-        return (not self.alive or self.pidfd is None
-                or bool(select.select((self.pidfd,), (), (), 0)[0]))
+        pidfd = self.pidfd
+        if not self.alive or pidfd is None:
+            return True
+        try:
+            return bool(select.select((pidfd,), (), (), 0)[0])
+        except (OSError, ValueError):  # closed meanwhile, by a close() in another thread
+            return True
 
     def begin(self, code: str, limits: Limits, *, snapshot: bool = False,
               parking: Cgroup | None = None, spent_s: float = 0.0) -> StepRun:

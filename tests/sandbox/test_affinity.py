@@ -9,9 +9,9 @@ from typing import TypeVar
 
 import pytest
 
-from coding_gym.backends import local
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
+from coding_gym.sandbox import steps, supervisor
 
 T = TypeVar("T")
 CPUS = sorted(os.sched_getaffinity(0))
@@ -51,6 +51,13 @@ def _threads(pid: int) -> list[int]:
     return sorted(int(tid) for tid in os.listdir(f"/proc/{pid}/task"))
 
 
+@pytest.fixture(autouse=True)
+def long_quiet_window(monkeypatch):
+    """A quiet window of 1 s: no step here outlasts it by chance, on however busy a machine,
+    and is released for that (but the one meant to)."""
+    monkeypatch.setattr(steps, "QUIET_S", 1.0)
+
+
 @pytest.fixture
 def backend():
     started = LocalBackend(Limits(timeout_s=5.0))
@@ -62,7 +69,6 @@ def backend():
 @two_cpus
 def test_the_worker_waits_on_the_cpu_of_the_thread_that_steps_it(backend):
     pid = backend.worker_pid
-    assert _placement(pid) == (set(CPUS), os.SCHED_BATCH)  # free until stepped
     for cpu in (CPUS[-1], CPUS[0]):
         assert _on_cpu(cpu, lambda: backend.run("x = 1\nprint(x)")).stdout == "1\n"
         assert _placement(pid) == ({cpu}, os.SCHED_IDLE)
@@ -83,7 +89,7 @@ def test_a_step_that_outlasts_the_quiet_window_frees_the_worker_and_its_threads(
     # As a thread started by a quick step of a pinned worker is: pinned and idle-priority.
     _pin(helper[0], CPUS[0])
     assert _placement(pid) == _placement(helper[0]) == ({CPUS[0]}, os.SCHED_IDLE)
-    _on_cpu(CPUS[0], lambda: backend.run("time.sleep(0.05)"))
+    _on_cpu(CPUS[0], lambda: backend.run("time.sleep(1.2)"))
     for tid in (pid, helper[0]):
         assert _placement(tid) == (set(CPUS), os.SCHED_BATCH)
     backend.run("stop.set(); helper.join()")
@@ -130,7 +136,7 @@ def test_a_refused_pin_leaves_the_worker_free_and_is_not_tried_again(backend, mo
 
 
 def test_a_thread_whose_cpu_is_unknown_leaves_the_worker_free(backend, monkeypatch):
-    monkeypatch.setattr(local, "_current_cpu", lambda: -1)
+    monkeypatch.setattr(supervisor, "_current_cpu", lambda: -1)
     assert backend.run("print(1)").stdout == "1\n"
     assert _placement(backend.worker_pid) == (set(CPUS), os.SCHED_BATCH)
 
@@ -141,3 +147,26 @@ def test_a_worker_that_died_is_not_touched(backend):
     assert result.exit_code == 3 and result.state_lost
     assert _on_cpu(CPUS[0], lambda: backend.run("print(2)")).stdout == "2\n"
     assert _placement(backend.worker_pid) == ({CPUS[0]}, os.SCHED_IDLE)  # the new worker
+
+
+def test_a_snapshot_and_a_fork_free_the_worker_first(backend):
+    # Their copies fork in the worker: on every CPU, not idle-priority, they are faster. (The
+    # worker's policy is the default one while it forks, and batch again after its reply.)
+    pid = backend.worker_pid
+    _on_cpu(CPUS[0], lambda: backend.run("x = 1"))
+    with backend.snapshot():
+        cpus, policy = _placement(pid)
+        assert cpus == set(CPUS) and policy != os.SCHED_IDLE
+    _on_cpu(CPUS[0], lambda: backend.run("x = 2"))
+    assert _placement(pid) == ({CPUS[0]}, os.SCHED_IDLE)
+    with backend.fork() as forked:
+        cpus, policy = _placement(pid)
+        assert cpus == set(CPUS) and policy != os.SCHED_IDLE
+        assert forked.run("print(x)").stdout == "2\n"
+
+
+def test_a_transactional_step_leaves_the_worker_free():
+    with LocalBackend(Limits(timeout_s=5.0), transactional=True) as transactional:
+        transactional.reset()
+        assert _on_cpu(CPUS[0], lambda: transactional.run("print(1)")).stdout == "1\n"
+        assert _placement(transactional.worker_pid) == (set(CPUS), os.SCHED_BATCH)
