@@ -87,8 +87,10 @@ class Session:
         The time limit counts from ``asked_at`` (see :meth:`LocalBackend.run`)."""
         if self.episode_id is None:
             self.reset()
-        return self.record(self.backend.run(code, timeout_s=self.limit_s(timeout_s),
-                                            asked_at=asked_at))
+        # Begun as the event loop begins steps (and not with LocalBackend.run): the server's
+        # threads take turns with many workers, which none of them may pin to its own CPU.
+        step = self.backend.begin(code, timeout_s=self.limit_s(timeout_s), asked_at=asked_at)
+        return self.record(self.backend.finish(step, step.wait()))
 
     def limit_s(self, timeout_s: float | None) -> float:
         """The time limit of a step: a client may shorten the server's, never lengthen it."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 
 import pytest
 
@@ -104,3 +106,25 @@ def test_a_step_queued_behind_its_clients_earlier_call_gets_its_whole_time_limit
         await manager.shutdown()
 
     run(scenario())
+
+
+def test_a_step_run_in_a_thread_of_the_server_leaves_its_worker_free():
+    # The server's threads take turns with every session's worker: none may pin one to its
+    # CPU, as a thread that steps a worker of its own does (tests/sandbox/test_affinity.py).
+    session = Session("pinned?", Limits())
+    replies: list[dict] = []
+
+    def step() -> None:
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        replies.append(session.step("print(1)"))
+
+    try:
+        thread = threading.Thread(target=step)
+        thread.start()
+        thread.join()
+        assert replies[0]["observation"]["stdout"] == "1\n"
+        pid = session.backend.worker_pid
+        assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+        assert os.sched_getscheduler(pid) != os.SCHED_IDLE
+    finally:
+        session.close()
