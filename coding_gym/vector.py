@@ -312,7 +312,9 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         each one ends."""
         backends = [self.envs[i].backend for i in indices]
         if all(isinstance(backend, LocalBackend) for backend in backends):
-            _run_local(backends, codes, self._loop, finish)  # type: ignore[arg-type]
+            # A single env is stepped as CodingEnv.step does: its worker follows this thread.
+            _run_local(backends, codes, self._loop, finish,  # type: ignore[arg-type]
+                       follow=self.num_envs == 1)
             return
         for k, (result, infra_error) in enumerate(self._threads().map(_run_one, backends, codes)):
             finish(k, result, infra_error)
@@ -341,14 +343,15 @@ def _run_one(backend: Any, code: str) -> tuple[ExecResult, str | None]:
 
 
 def _run_local(backends: list[LocalBackend], codes: list[str], loop: StepLoop,
-               finish: Finish) -> None:
+               finish: Finish, follow: bool) -> None:
     """One ``epoll`` loop over every worker (see :class:`coding_gym.sandbox.fanout.StepLoop`);
-    each step is finished as soon as its result is in."""
+    each step is finished as soon as its result is in. ``follow``: see
+    :meth:`LocalBackend.begin`."""
     started: list[tuple[int, StepRun]] = []
     unstarted: list[tuple[int, BackendError]] = []
     for k, (backend, code) in enumerate(zip(backends, codes, strict=True)):
         try:
-            started.append((k, backend.begin(code)))
+            started.append((k, backend.begin(code, follow=follow)))
         except BackendError as e:
             unstarted.append((k, e))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import coding_gym  # noqa: F401 - registers CodingEnv-v0
 from coding_gym.env import CodingEnv
 from coding_gym.errors import BackendError, InvalidAction
 from coding_gym.models import ExecResult
+from coding_gym.sandbox import steps
 from coding_gym.vector import CodingVectorEnv
 
 ACTIONS = [
@@ -214,3 +218,35 @@ def test_bad_arguments():
         CodingVectorEnv(0)
     with pytest.raises(ValueError, match="max_episode_steps must be positive"):
         CodingVectorEnv(1, max_episode_steps=0)
+
+
+@pytest.mark.parametrize("num_envs", [1, 2])
+def test_a_single_env_follows_the_stepping_thread_and_several_run_anywhere(num_envs,
+                                                                             monkeypatch):
+    # One env is stepped as CodingEnv.step steps it (see sandbox/affinity.py); the workers of
+    # several must spread over the CPUs. No step outlasts a 1 s quiet window by chance.
+    monkeypatch.setattr(steps, "QUIET_S", 1.0)
+    envs = gym.make_vec("CodingEnv-v0", num_envs=num_envs, timeout_s=5.0)
+    cpu = min(os.sched_getaffinity(0))
+    seen: list[tuple[set[int], int]] = []
+
+    envs.reset(seed=0)  # here: a zygote started by the pinned thread would be pinned too
+
+    def step() -> None:
+        os.sched_setaffinity(0, {cpu})
+        observations, *_ = envs.step(["print(1)"] * num_envs)
+        assert observations["stdout"] == ("1\n",) * num_envs
+        for env in envs.envs:
+            pid = env.backend.worker_pid
+            seen.append((os.sched_getaffinity(pid), os.sched_getscheduler(pid)))
+
+    try:
+        thread = threading.Thread(target=step)
+        thread.start()
+        thread.join()
+    finally:
+        envs.close()
+    if num_envs == 1:
+        assert seen == [({cpu}, os.SCHED_IDLE)]
+    else:
+        assert seen == [(os.sched_getaffinity(0), os.SCHED_BATCH)] * num_envs

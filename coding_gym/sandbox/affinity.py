@@ -2,10 +2,11 @@
 
 A step wakes two processes: the worker, with the request, and the caller, with the reply.
 Where an idle CPU halts (in a virtual machine above all), waking a process on another CPU
-costs an interrupt to that CPU and its way back out of the halt: on a 2-vCPU VM a ``print(1)``
-step took 150-190 µs when each wake-up crossed to the other CPU, and 80 µs when both stayed
-on one (a TCP echo: 92 against 18 µs). Left alone, the kernel crosses: it puts a woken process
-on an idle CPU rather than on the busy one it was woken from.
+costs an interrupt to that CPU and its way back out of the halt. On a 2-vCPU VM a
+``LocalBackend`` step of ``print(1)`` took 150-175 µs when each wake-up crossed to the other
+CPU, and 77-92 µs with the whole process pinned to one (a TCP echo: 92 against 18 µs). Left
+alone, the kernel crosses: it puts a woken process on an idle CPU rather than on the busy one
+it was woken from.
 
 So a worker stepped by one thread (:meth:`LocalBackend.run`, behind ``CodingEnv.step``)
 *follows* it: :func:`pin` allows it only the CPU that thread runs on, and makes it an
@@ -18,8 +19,10 @@ almost every step (1874-2788 times in 3000), and the steps were no faster.
 The pin is lifted (:func:`release`) when a step outlasts its quiet window (2 ms): code that
 computes, maybe with threads or processes of its own, may use every CPU. Those threads and
 processes were started on the pinned CPU, as idle-priority tasks, and are released with it.
-A worker driven with others (the vector env's fan-out, the server's event loop) is never
-pinned: its steps must spread over the CPUs.
+A worker driven with others (the vector env's fan-out, the server's event loop and threads)
+is never pinned: its steps must spread over the CPUs. Nor is one while it forks copies of
+itself (a snapshot, a fork, a transactional step): pinned and idle-priority, a fork took
+4.2-4.7 ms against 3.4 ms.
 
 Following is an optimisation, nothing depends on it: where a call is refused (another user's
 worker without ``CAP_SYS_NICE``, a CPU outside the worker's cpuset, a C library without
