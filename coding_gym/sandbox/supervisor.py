@@ -142,16 +142,14 @@ class WorkerProcess(StartUp):
         if follow:
             cpu = _current_cpu()
             if cpu != self.cpu:
-                self.follow(cpu)
+                self._follow(cpu)
         elif self.cpu != affinity.FREE:
             self.release()
 
-    def follow(self, cpu: int) -> None:
+    def _follow(self, cpu: int) -> None:
         """Wait between steps on ``cpu``, the CPU of the thread that steps the worker, as an
         idle-priority process; if that is refused, stay free from then on."""
-        if cpu == self.cpu or cpu < 0 or not self._may_follow:
-            return
-        if self._gone():
+        if cpu < 0 or not self._may_follow or self._gone():
             return
         before = affinity.pin(self.pid, cpu, first=self.cpu < 0)
         if before is None:
@@ -164,7 +162,7 @@ class WorkerProcess(StartUp):
         self.cpu = cpu
 
     def release(self) -> None:
-        """Undo :meth:`follow`: every CPU again, for the worker and what it started."""
+        """Undo :meth:`_follow`: every CPU again, for the worker and what it started."""
         if self.cpu == affinity.FREE:
             return
         self.cpu = affinity.FREE
