@@ -230,7 +230,7 @@ def test_a_single_env_follows_the_stepping_thread_and_several_run_anywhere(num_e
     cpu = min(os.sched_getaffinity(0))
     seen: list[tuple[set[int], int]] = []
 
-    envs.reset(seed=0)  # here: a zygote started by the pinned thread would be pinned too
+    envs.reset(seed=0)
 
     def step() -> None:
         os.sched_setaffinity(0, {cpu})

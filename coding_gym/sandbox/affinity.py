@@ -65,6 +65,16 @@ def process_cpus() -> set[int]:
     return os.sched_getaffinity(os.getpid())
 
 
+def unpin_child(pid: int) -> None:
+    """Give ``pid``, a child just started (a zygote, a spawned worker), the CPUs of this
+    process's main thread. It inherited those of the thread that started it, which may have
+    pinned itself: a zygote started from such a thread passed the pin on to every worker."""
+    try:
+        os.sched_setaffinity(pid, process_cpus())
+    except OSError:
+        pass
+
+
 def pin(pid: int, cpu: int, *, first: bool) -> set[int] | None:
     """Allow process ``pid`` only ``cpu`` and, the ``first`` time, make it idle-priority;
     None if either was refused. The first time, the CPUs it had before are returned (for

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from coding_gym.sandbox import bootstrap, isolation
+from coding_gym.sandbox import affinity, bootstrap, isolation
 from coding_gym.sandbox.protocol import fds_in
 from coding_gym.sandbox.spare import MAX_MESSAGE
 
@@ -68,6 +68,7 @@ class Zygote:
             theirs.close()
         self.channel = ours
         self.pid = self.proc.pid
+        affinity.unpin_child(self.pid)
         try:
             ready = self._await_ready()
         except BaseException:

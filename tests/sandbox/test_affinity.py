@@ -170,3 +170,20 @@ def test_a_transactional_step_leaves_the_worker_free():
         transactional.reset()
         assert _on_cpu(CPUS[0], lambda: transactional.run("print(1)")).stdout == "1\n"
         assert _placement(transactional.worker_pid) == (set(CPUS), os.SCHED_BATCH)
+
+
+@two_cpus
+@pytest.mark.parametrize("start_method", ["zygote", "spawn"])
+def test_a_worker_started_from_a_pinned_thread_gets_the_process_cpus(start_method):
+    # A preload of its own: a zygote started here, by the pinned thread.
+    preload = ("json",) if start_method == "zygote" else ()
+
+    def start() -> tuple[set[int], str]:
+        with LocalBackend(Limits(timeout_s=5.0), start_method=start_method,
+                          preload=preload) as started:
+            started.reset()
+            cpus = os.sched_getaffinity(started.worker_pid)
+            step = started.begin("print(1)")
+            return cpus, step.wait().stdout
+
+    assert _on_cpu(CPUS[-1], start) == (set(CPUS), "1\n")
