@@ -11,7 +11,7 @@ import pytest
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
-from coding_gym.sandbox import steps, supervisor
+from coding_gym.sandbox import cgroups, steps, supervisor
 
 T = TypeVar("T")
 CPUS = sorted(os.sched_getaffinity(0))
@@ -187,3 +187,18 @@ def test_a_worker_started_from_a_pinned_thread_gets_the_process_cpus(start_metho
             return cpus, step.wait().stdout
 
     assert _on_cpu(CPUS[-1], start) == (set(CPUS), "1\n")
+
+
+@pytest.mark.skipif(not cgroups.probe().version, reason="the processes a worker started are "
+                    "found through its cgroup, and there are no cgroups here")
+def test_a_long_step_frees_the_processes_the_worker_started(backend):
+    pid = backend.worker_pid
+    started = backend.run("import subprocess\nchild = subprocess.Popen(['sleep', '30'])")
+    assert started.exit_code == 0
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        (child,) = (int(found) for found in f.read().split())
+    _on_cpu(CPUS[0], lambda: backend.run("print(1)"))
+    _pin(child, CPUS[0])  # as a process started by a quick step of a pinned worker is
+    _on_cpu(CPUS[0], lambda: backend.run("import time\ntime.sleep(1.2)"))
+    assert _placement(child) == (set(CPUS), os.SCHED_BATCH)
+    backend.run("child.kill(); child.wait()")
