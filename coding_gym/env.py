@@ -45,9 +45,10 @@ class CodingEnv(EpisodeSnapshots, gym.Env[Observation, str]):
     :class:`coding_gym.vector.CodingVectorEnv`, which runs the N envs' code at once.
 
     With the local backend, the worker waits between steps on the CPU of the thread that
-    calls :meth:`step`, as an idle-priority process, so that neither the request nor the
-    reply has to wake another CPU (where that is slow, in a VM, a step takes about half the
-    time); a step that runs past 2 ms may use every CPU. See :mod:`coding_gym.sandbox.affinity`.
+    calls :meth:`step` (unless another thread steps an env at the same time), as an
+    idle-priority process, so that neither the request nor the reply has to wake another CPU
+    (where that is slow, in a VM, a step takes about half the time); a step that runs past
+    2 ms may use every CPU. See :mod:`coding_gym.sandbox.affinity`.
 
     ## Action Space
 

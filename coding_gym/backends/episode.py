@@ -6,6 +6,7 @@ process outlives the backend.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,8 @@ from coding_gym.sandbox.cgroups import Cgroup
 from coding_gym.sandbox.frozen import FrozenCopy
 from coding_gym.sandbox.supervisor import WorkerProcess
 from coding_gym.sandbox.uids import UidLease
+
+logger = logging.getLogger(__name__)
 
 
 class Home:
@@ -30,6 +33,19 @@ class Home:
         self.uid_lease = uid_lease
         self._users = 1
         self._lock = threading.Lock()
+
+    @classmethod
+    def make(cls, with_uid: bool) -> Home:
+        """A new directory, and a uid of its own if ``with_uid`` (the user layer) and this
+        process is root. A reset makes the next reset's while its worker starts: both cost a
+        reset ~0.3 ms otherwise."""
+        lease = None
+        if with_uid and os.geteuid() == 0:
+            try:
+                lease = UidLease.acquire()
+            except OSError as e:
+                logger.warning("no uid for the episode, the user layer is off: %s", e)
+        return cls(lease)
 
     @property
     def uid(self) -> int | None:

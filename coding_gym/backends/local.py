@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +17,6 @@ from coding_gym.sandbox.frozen import FrozenCopy
 from coding_gym.sandbox.startup import once
 from coding_gym.sandbox.steps import StepRun
 from coding_gym.sandbox.supervisor import WorkerProcess
-from coding_gym.sandbox.uids import UidLease
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +33,10 @@ _MB = 1 << 20
 #: only a fresh interpreter's start, or a busy server, takes longer.
 UNCOUNTED_WAIT_S = 0.01
 _monotonic = time.monotonic
+#: One item per thread inside run(). A worker follows its caller only while no other thread
+#: steps at the same time (see sandbox/affinity.py): workers stepped from several threads at
+#: once must spread over the CPUs.
+_RUNNING: list[None] = []
 _ROLLED_BACK_NOTE = ("[coding_gym] the step was rolled back: the interpreter is as it was "
                      "before it.\n")
 
@@ -114,26 +116,16 @@ class LocalBackend:
             release_old_home()
             if episode.next_home is None:
                 try:
-                    episode.next_home = self._new_home()
+                    episode.next_home = Home.make(self.isolation.user)
                 except OSError:
                     pass  # the next reset makes its own, and says why it cannot
 
         try:
-            episode.home, episode.next_home = episode.next_home or self._new_home(), None
+            home = episode.next_home or Home.make(self.isolation.user)
+            episode.home, episode.next_home = home, None
             episode.worker = self._start_worker(meanwhile=meanwhile)
         finally:
             release_old_home()
-
-    def _new_home(self) -> Home:
-        """An episode's directory, and its uid where the user layer is on. A reset makes the
-        next reset's while its worker starts: both cost a reset ~0.3 ms otherwise."""
-        lease = None
-        if self.isolation.user and os.geteuid() == 0:
-            try:
-                lease = UidLease.acquire()
-            except OSError as e:
-                logger.warning("no uid for the episode, the user layer is off: %s", e)
-        return Home(lease)
 
     def prepare(self) -> None:
         """Start the episode's interpreter now if the last step killed it (a no-op otherwise,
@@ -157,8 +149,13 @@ class LocalBackend:
         fresh interpreter: the code gets what is left. A wait under
         :data:`UNCOUNTED_WAIT_S` is not counted.
         """
-        step = self.begin(code, timeout_s=timeout_s, asked_at=asked_at, follow=True)
-        return self.finish(step, step.wait())
+        _RUNNING.append(None)  # list.append and pop are atomic: no lock for the count
+        try:
+            step = self.begin(code, timeout_s=timeout_s, asked_at=asked_at,
+                              follow=len(_RUNNING) == 1)
+            return self.finish(step, step.wait())
+        finally:
+            _RUNNING.pop()
 
     def begin(self, code: str, *, timeout_s: float | None = None,
               asked_at: float | None = None, follow: bool = False) -> StepRun:

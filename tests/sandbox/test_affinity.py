@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -202,3 +203,20 @@ def test_a_long_step_frees_the_processes_the_worker_started(backend):
     _on_cpu(CPUS[0], lambda: backend.run("import time\ntime.sleep(1.2)"))
     assert _placement(child) == (set(CPUS), os.SCHED_BATCH)
     backend.run("child.kill(); child.wait()")
+
+
+def test_a_worker_stepped_while_another_thread_steps_stays_free(backend):
+    # Threads that step workers at the same time: their workers must spread over the CPUs.
+    with LocalBackend(Limits(timeout_s=5.0)) as other:
+        other.reset()
+        busy = threading.Thread(target=other.run, args=("import time\ntime.sleep(0.5)",))
+        busy.start()
+        try:
+            time.sleep(0.1)  # the other thread is inside its step
+            assert _on_cpu(CPUS[0], lambda: backend.run("print(1)")).stdout == "1\n"
+            cpus, policy = _placement(backend.worker_pid)
+            assert cpus == set(CPUS) and policy != os.SCHED_IDLE
+        finally:
+            busy.join()
+        _on_cpu(CPUS[0], lambda: backend.run("print(2)"))  # alone again
+        assert _placement(backend.worker_pid) == ({CPUS[0]}, os.SCHED_IDLE)
