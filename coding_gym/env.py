@@ -48,7 +48,7 @@ class CodingEnv(EpisodeSnapshots, gym.Env[Observation, str]):
     calls :meth:`step` (unless another thread steps an env at the same time), as an
     idle-priority process, so that neither the request nor the reply has to wake another CPU
     (where that is slow, in a VM, a step takes about half the time); a step that runs past
-    2 ms may use every CPU. See :mod:`coding_gym.sandbox.affinity`.
+    4 ms may use every CPU. See :mod:`coding_gym.sandbox.affinity`.
 
     ## Action Space
 

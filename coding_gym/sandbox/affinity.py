@@ -16,7 +16,7 @@ tasks as idle: it puts the caller back on the worker's CPU, where the caller pre
 worker at once. Pinned but not idle-priority, the worker sent the caller to the other CPU at
 almost every step (1874-2788 times in 3000), and the steps were no faster.
 
-The pin is lifted (:func:`release`) when a step outlasts its quiet window (2 ms): code that
+The pin is lifted (:func:`release`) when a step outlasts its quiet window (4 ms): code that
 computes, maybe with threads or processes of its own, may use every CPU. Those threads and
 processes were started on the pinned CPU, as idle-priority tasks, and are released with it.
 A worker driven with others (the vector env's fan-out, the server's event loop and threads)
