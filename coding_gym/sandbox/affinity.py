@@ -62,8 +62,8 @@ current_cpu = _cpu_reader()
 
 
 def process_cpus() -> set[int]:
-    """The CPUs of this process's main thread: those a worker started with, unless the
-    thread that started the zygote had fewer."""
+    """The CPUs of this process's main thread: those a worker starts with (see
+    :func:`unpin_child`) and gets back from :func:`release`."""
     return os.sched_getaffinity(os.getpid())
 
 
@@ -77,24 +77,23 @@ def unpin_child(pid: int) -> None:
         pass
 
 
-def pin(pid: int, cpu: int, *, first: bool) -> set[int] | None:
+def pin(pid: int, cpu: int, *, first: bool) -> bool:
     """Allow process ``pid`` only ``cpu`` and, the ``first`` time, make it idle-priority;
-    None if either was refused. The first time, the CPUs it had before are returned (for
-    :func:`release`); an empty set after."""
+    False if either was refused."""
     try:
-        before = os.sched_getaffinity(pid) if first else set()
         os.sched_setaffinity(pid, (cpu,))
         if first:
             os.sched_setscheduler(pid, _SCHED_IDLE, _PARAM)
     except OSError:
-        return None
-    return before
+        return False
+    return True
 
 
-def release(pids: Iterable[int], cpus: set[int]) -> None:
-    """Every thread of the processes ``pids``: ``cpus`` again, and the batch policy workers
-    run under for those that are idle-priority (a thread that chose another policy keeps
-    it). Threads that are gone, or refuse, are skipped."""
+def release(pids: Iterable[int]) -> None:
+    """Every thread of the processes ``pids``: the :func:`process_cpus` again, and the batch
+    policy workers run under for those that are idle-priority (a thread that chose another
+    policy keeps it). Threads that are gone, or refuse, are skipped."""
+    cpus = process_cpus()
     for pid in pids:
         try:
             threads = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]

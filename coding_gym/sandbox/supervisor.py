@@ -61,8 +61,6 @@ class WorkerProcess(StartUp):
         #: affinity.UNKNOWN (a copy of a worker that may have been pinned).
         self.cpu = affinity.FREE
         self._may_follow = True
-        #: The CPUs the worker had before it was first pinned; empty when not known.
-        self._free_cpus: set[int] = set()
         #: Isolation layer -> {"active", "detail"}, as the worker reported it when ready.
         self.isolation: dict[str, Any] = {}
         # Guards ``alive`` against interrupt() from another thread while kill() reaps: a reaped
@@ -151,14 +149,11 @@ class WorkerProcess(StartUp):
         idle-priority process; if that is refused, stay free from then on."""
         if cpu < 0 or not self._may_follow or self._gone():
             return
-        before = affinity.pin(self.pid, cpu, first=self.cpu < 0)
-        if before is None:
+        if not affinity.pin(self.pid, cpu, first=self.cpu < 0):
             self._may_follow = False
             self.cpu = affinity.UNKNOWN  # half of the pin may have been done
             self.release()
             return
-        if self.cpu == affinity.FREE:
-            self._free_cpus = before
         self.cpu = cpu
 
     def release(self) -> None:
@@ -167,8 +162,7 @@ class WorkerProcess(StartUp):
             return
         self.cpu = affinity.FREE
         if not self._gone():
-            affinity.release(self.cgroup.pids() if self.cgroup is not None else (self.pid,),
-                             self._free_cpus or affinity.process_cpus())
+            affinity.release(self.cgroup.pids() if self.cgroup is not None else (self.pid,))
 
     def _gone(self) -> bool:
         """The worker exited (or cannot be told from a process that took its pid since)."""
