@@ -63,16 +63,22 @@ current_cpu = _cpu_reader()
 
 def process_cpus() -> set[int]:
     """The CPUs of this process's main thread: those a worker starts with (see
-    :func:`unpin_child`) and gets back from :func:`release`."""
+    :func:`reset_inherited`) and gets back from :func:`release`."""
     return os.sched_getaffinity(os.getpid())
 
 
-def unpin_child(pid: int) -> None:
+def reset_inherited(pid: int) -> None:
     """Give ``pid``, a child just started (a zygote, a spawned worker), the CPUs of this
-    process's main thread. It inherited those of the thread that started it, which may have
-    pinned itself: a zygote started from such a thread passed the pin on to every worker."""
+    process's main thread and, if it is a batch process, the normal policy. It inherited
+    both from the thread that started it. That thread may have pinned itself: a zygote
+    started from it passed the pin on to every worker. Or it may be a batch thread (the
+    server's event loop, see ``server/serving.py``): a child that starts up as a batch
+    process yields its CPU to whatever else was just forked (see
+    ``worker._batch_scheduling``), and a zygote's spares inherit its policy."""
     try:
         os.sched_setaffinity(pid, process_cpus())
+        if os.sched_getscheduler(pid) == _SCHED_BATCH:
+            os.sched_setscheduler(pid, os.SCHED_OTHER, _PARAM)
     except OSError:
         pass
 

@@ -108,7 +108,7 @@ class StartUp:
             channels.close_parent_ends()
             raise WorkerStartError(f"could not start the sandbox worker: {e}") from e
         channels.close_child_ends()
-        affinity.unpin_child(proc.pid)
+        affinity.reset_inherited(proc.pid)
         pidfd = open_pidfd(proc.pid)
         worker = cls(channels, SpawnedExit(proc, pidfd), cgroup, None)
         worker.pidfd = pidfd

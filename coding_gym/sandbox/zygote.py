@@ -68,7 +68,7 @@ class Zygote:
             theirs.close()
         self.channel = ours
         self.pid = self.proc.pid
-        affinity.unpin_child(self.pid)
+        affinity.reset_inherited(self.pid)
         try:
             ready = self._await_ready()
         except BaseException:

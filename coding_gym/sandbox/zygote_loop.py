@@ -54,7 +54,6 @@ def main(argv: list[str]) -> None:
     """Entry point of the zygote process: ``argv`` is [channel fd, settings as JSON]."""
     channel = socket.socket(fileno=int(argv[0]))
     settings = json.loads(argv[1])
-    _normal_policy()
     imported, failed = [], {}
     for name in settings["preload"]:
         try:
@@ -71,18 +70,6 @@ def main(argv: list[str]) -> None:
         "type": "ready", "pid": os.getpid(), "imported": imported, "failed": failed,
         "threads": len(os.listdir("/proc/self/task")), "vm_bytes": _vm_bytes(),
     })
-
-
-def _normal_policy() -> None:
-    """Run under the normal policy, also when started from a batch thread (the event loop of
-    ``coding-gym serve`` is one: see ``server/serving.py``). Spares inherit the zygote's
-    policy, and a spare that started up as a batch process would yield its CPU to the next
-    spare, forked at the same moment (see ``worker._batch_scheduling``)."""
-    try:
-        if os.sched_getscheduler(0) == os.SCHED_BATCH:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    except OSError:
-        pass
 
 
 def _vm_bytes() -> int:

@@ -72,8 +72,9 @@ def wait_as_batch() -> bool:
 
     Only a thread under ``SCHED_OTHER`` changes (one that its owner made real-time or idle
     is left alone). The threads it starts inherit the policy: those of slow steps, which
-    wait for workers too. The zygote puts itself back under the normal policy, which its
-    spares need to start up quickly.
+    wait for workers too. The zygote, and a worker spawned from this thread, are put back under
+    the normal policy (``sandbox.affinity.reset_inherited``): they need it to start up
+    quickly.
     """
     return become_batch()
 
