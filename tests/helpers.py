@@ -3,6 +3,33 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def in_thread(body: Callable[[], T], cpu: int | None = None) -> T:
+    """``body()`` in a thread of its own (scheduling policies and CPU masks are per thread),
+    allowed only ``cpu`` if given; its return value, or its exception raised here."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            if cpu is not None:
+                os.sched_setaffinity(0, (cpu,))
+            outcome["value"] = body()
+        except BaseException as e:  # noqa: BLE001 - raised in the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]  # type: ignore[return-value]
 
 
 def descendant_pids(root: int | None = None) -> set[int]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import gymnasium as gym
 import numpy as np
@@ -16,6 +15,7 @@ from coding_gym.errors import BackendError, InvalidAction
 from coding_gym.models import ExecResult
 from coding_gym.sandbox import steps
 from coding_gym.vector import CodingVectorEnv
+from tests.helpers import in_thread
 
 ACTIONS = [
     ("x = 1", "print('é\\x00')", "import sys; sys.exit(7)", "y = [1]"),
@@ -228,22 +228,12 @@ def test_a_single_env_follows_the_stepping_thread_and_several_run_anywhere(num_e
     monkeypatch.setattr(steps, "QUIET_S", 1.0)
     envs = gym.make_vec("CodingEnv-v0", num_envs=num_envs, timeout_s=5.0)
     cpu = min(os.sched_getaffinity(0))
-    seen: list[tuple[set[int], int]] = []
-
-    envs.reset(seed=0)
-
-    def step() -> None:
-        os.sched_setaffinity(0, {cpu})
-        observations, *_ = envs.step(["print(1)"] * num_envs)
-        assert observations["stdout"] == ("1\n",) * num_envs
-        for env in envs.envs:
-            pid = env.backend.worker_pid
-            seen.append((os.sched_getaffinity(pid), os.sched_getscheduler(pid)))
-
     try:
-        thread = threading.Thread(target=step)
-        thread.start()
-        thread.join()
+        envs.reset(seed=0)
+        observations, *_ = in_thread(lambda: envs.step(["print(1)"] * num_envs), cpu)
+        assert observations["stdout"] == ("1\n",) * num_envs
+        pids = [env.backend.worker_pid for env in envs.envs]
+        seen = [(os.sched_getaffinity(pid), os.sched_getscheduler(pid)) for pid in pids]
     finally:
         envs.close()
     if num_envs == 1:

@@ -5,38 +5,17 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
 
 import pytest
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
 from coding_gym.sandbox import cgroups, steps, supervisor
+from tests.helpers import in_thread
 
-T = TypeVar("T")
 CPUS = sorted(os.sched_getaffinity(0))
 two_cpus = pytest.mark.skipif(len(CPUS) < 2, reason="following a thread to another CPU "
                                                     "takes two CPUs")
-
-
-def _on_cpu(cpu: int, body: Callable[[], T]) -> T:
-    """``body()`` in a thread of its own, allowed only ``cpu`` (this thread keeps its CPUs)."""
-    outcome: dict[str, object] = {}
-
-    def run() -> None:
-        os.sched_setaffinity(0, (cpu,))
-        try:
-            outcome["value"] = body()
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test's thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]  # type: ignore[return-value]
 
 
 def _placement(pid: int) -> tuple[set[int], int]:
@@ -71,7 +50,7 @@ def backend():
 def test_the_worker_waits_on_the_cpu_of_the_thread_that_steps_it(backend):
     pid = backend.worker_pid
     for cpu in (CPUS[-1], CPUS[0]):
-        assert _on_cpu(cpu, lambda: backend.run("x = 1\nprint(x)")).stdout == "1\n"
+        assert in_thread(cpu=cpu, body=lambda: backend.run("x = 1\nprint(x)")).stdout == "1\n"
         assert _placement(pid) == ({cpu}, os.SCHED_IDLE)
     assert backend.worker_pid == pid  # the same interpreter throughout
     assert backend.run("print(x + 1)").stdout == "2\n"
@@ -86,11 +65,11 @@ def test_a_step_that_outlasts_the_quiet_window_frees_the_worker_and_its_threads(
     assert started.exit_code == 0
     helper = [tid for tid in _threads(pid) if tid != pid]
     assert len(helper) == 1
-    _on_cpu(CPUS[0], lambda: backend.run("print(1)"))
+    in_thread(cpu=CPUS[0], body=lambda: backend.run("print(1)"))
     # As a thread started by a quick step of a pinned worker is: pinned and idle-priority.
     _pin(helper[0], CPUS[0])
     assert _placement(pid) == _placement(helper[0]) == ({CPUS[0]}, os.SCHED_IDLE)
-    _on_cpu(CPUS[0], lambda: backend.run("time.sleep(1.2)"))
+    in_thread(cpu=CPUS[0], body=lambda: backend.run("time.sleep(1.2)"))
     for tid in (pid, helper[0]):
         assert _placement(tid) == (set(CPUS), os.SCHED_BATCH)
     backend.run("stop.set(); helper.join()")
@@ -98,7 +77,7 @@ def test_a_step_that_outlasts_the_quiet_window_frees_the_worker_and_its_threads(
 
 def test_a_step_begun_for_a_loop_frees_a_worker_a_thread_had_pinned(backend):
     pid = backend.worker_pid
-    _on_cpu(CPUS[0], lambda: backend.run("print(1)"))
+    in_thread(cpu=CPUS[0], body=lambda: backend.run("print(1)"))
     assert _placement(pid) == ({CPUS[0]}, os.SCHED_IDLE)
     step = backend.begin("print(2)")  # as the vector env and the server begin their steps
     assert backend.finish(step, step.wait()).stdout == "2\n"
@@ -130,7 +109,7 @@ def test_a_refused_pin_leaves_the_worker_free_and_is_not_tried_again(backend, mo
 
     monkeypatch.setattr(os, "sched_setaffinity", refuse)
     for _ in range(3):
-        assert _on_cpu(CPUS[0], lambda: backend.run("print(1)")).stdout == "1\n"
+        assert in_thread(cpu=CPUS[0], body=lambda: backend.run("print(1)")).stdout == "1\n"
     assert [cpus for _, cpus in calls if cpus == (CPUS[0],)] == [(CPUS[0],)]  # tried once
     monkeypatch.undo()
     assert _placement(backend.worker_pid) == (set(CPUS), os.SCHED_BATCH)
@@ -143,10 +122,10 @@ def test_a_thread_whose_cpu_is_unknown_leaves_the_worker_free(backend, monkeypat
 
 
 def test_a_worker_that_died_is_not_touched(backend):
-    _on_cpu(CPUS[0], lambda: backend.run("print(1)"))
+    in_thread(cpu=CPUS[0], body=lambda: backend.run("print(1)"))
     result = backend.run("import os\nos._exit(3)")
     assert result.exit_code == 3 and result.state_lost
-    assert _on_cpu(CPUS[0], lambda: backend.run("print(2)")).stdout == "2\n"
+    assert in_thread(cpu=CPUS[0], body=lambda: backend.run("print(2)")).stdout == "2\n"
     assert _placement(backend.worker_pid) == ({CPUS[0]}, os.SCHED_IDLE)  # the new worker
 
 
@@ -154,11 +133,11 @@ def test_a_snapshot_and_a_fork_free_the_worker_first(backend):
     # Their copies fork in the worker: on every CPU, not idle-priority, they are faster. (The
     # worker's policy is the default one while it forks, and batch again after its reply.)
     pid = backend.worker_pid
-    _on_cpu(CPUS[0], lambda: backend.run("x = 1"))
+    in_thread(cpu=CPUS[0], body=lambda: backend.run("x = 1"))
     with backend.snapshot():
         cpus, policy = _placement(pid)
         assert cpus == set(CPUS) and policy != os.SCHED_IDLE
-    _on_cpu(CPUS[0], lambda: backend.run("x = 2"))
+    in_thread(cpu=CPUS[0], body=lambda: backend.run("x = 2"))
     assert _placement(pid) == ({CPUS[0]}, os.SCHED_IDLE)
     with backend.fork() as forked:
         cpus, policy = _placement(pid)
@@ -169,7 +148,7 @@ def test_a_snapshot_and_a_fork_free_the_worker_first(backend):
 def test_a_transactional_step_leaves_the_worker_free():
     with LocalBackend(Limits(timeout_s=5.0), transactional=True) as transactional:
         transactional.reset()
-        assert _on_cpu(CPUS[0], lambda: transactional.run("print(1)")).stdout == "1\n"
+        assert in_thread(cpu=CPUS[0], body=lambda: transactional.run("print(1)")).stdout == "1\n"
         assert _placement(transactional.worker_pid) == (set(CPUS), os.SCHED_BATCH)
 
 
@@ -187,7 +166,7 @@ def test_a_worker_started_from_a_pinned_thread_gets_the_process_cpus(start_metho
             step = started.begin("print(1)")
             return cpus, step.wait().stdout
 
-    assert _on_cpu(CPUS[-1], start) == (set(CPUS), "1\n")
+    assert in_thread(cpu=CPUS[-1], body=start) == (set(CPUS), "1\n")
 
 
 @pytest.mark.skipif(not cgroups.probe().version, reason="the processes a worker started are "
@@ -198,9 +177,9 @@ def test_a_long_step_frees_the_processes_the_worker_started(backend):
     assert started.exit_code == 0
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         (child,) = (int(found) for found in f.read().split())
-    _on_cpu(CPUS[0], lambda: backend.run("print(1)"))
+    in_thread(cpu=CPUS[0], body=lambda: backend.run("print(1)"))
     _pin(child, CPUS[0])  # as a process started by a quick step of a pinned worker is
-    _on_cpu(CPUS[0], lambda: backend.run("import time\ntime.sleep(1.2)"))
+    in_thread(cpu=CPUS[0], body=lambda: backend.run("import time\ntime.sleep(1.2)"))
     assert _placement(child) == (set(CPUS), os.SCHED_BATCH)
     backend.run("child.kill(); child.wait()")
 
@@ -213,10 +192,10 @@ def test_a_worker_stepped_while_another_thread_steps_stays_free(backend):
         busy.start()
         try:
             time.sleep(0.1)  # the other thread is inside its step
-            assert _on_cpu(CPUS[0], lambda: backend.run("print(1)")).stdout == "1\n"
+            assert in_thread(cpu=CPUS[0], body=lambda: backend.run("print(1)")).stdout == "1\n"
             cpus, policy = _placement(backend.worker_pid)
             assert cpus == set(CPUS) and policy != os.SCHED_IDLE
         finally:
             busy.join()
-        _on_cpu(CPUS[0], lambda: backend.run("print(2)"))  # alone again
+        in_thread(cpu=CPUS[0], body=lambda: backend.run("print(2)"))  # alone again
         assert _placement(backend.worker_pid) == ({CPUS[0]}, os.SCHED_IDLE)

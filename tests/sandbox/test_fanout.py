@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
 
 from coding_gym.sandbox import fanout
 from coding_gym.sandbox.fanout import StepLoop, Yielding, run_many
+from tests.helpers import in_thread
 
 
 def test_run_many_drives_every_step_to_its_own_end(backends):
@@ -90,26 +90,6 @@ def test_done_is_called_for_each_step_as_it_ends_and_its_error_waits_for_the_res
         loop.close()
 
 
-def _in_thread(body):
-    """Run ``body()`` in a thread of its own (scheduling policies are per thread); its
-    return value, or its exception raised here."""
-    outcome: dict[str, object] = {}
-
-    def target() -> None:
-        try:
-            outcome["value"] = body()
-        except BaseException as e:  # noqa: BLE001 - raised in the test's thread
-            outcome["error"] = e
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join(30)
-    assert not thread.is_alive()
-    if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
-    return outcome["value"]
-
-
 def test_the_loop_waits_as_a_batch_thread_and_its_thread_is_normal_again_after(backends):
     def body() -> tuple[list[int], int, int, int]:
         os.nice(3)
@@ -126,7 +106,7 @@ def test_the_loop_waits_as_a_batch_thread_and_its_thread_is_normal_again_after(b
             loop.close()
         return seen, after_error, os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
 
-    seen, after_error, after, nice = _in_thread(body)
+    seen, after_error, after, nice = in_thread(body)
     assert seen == [os.SCHED_BATCH] * 3
     assert after_error == after == os.SCHED_OTHER
     assert nice == os.getpriority(os.PRIO_PROCESS, 0) + 3  # its own nice, kept
@@ -153,7 +133,7 @@ def test_a_thread_under_another_policy_keeps_it(backends, policy):
         assert [r.stdout for r in results] == ["1\n"] * 3
         return seen, os.sched_getscheduler(0)
 
-    seen, after = _in_thread(body)
+    seen, after = in_thread(body)
     assert seen == [chosen] * 3 and after == chosen
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 
 import pytest
 
 from coding_gym.models import Limits
 from coding_gym.server.sessions import CapacityReached, Session, SessionManager, _Turn
+from tests.helpers import in_thread
 
 
 def run(coroutine):
@@ -112,17 +112,9 @@ def test_a_step_run_in_a_thread_of_the_server_leaves_its_worker_free():
     # The server's threads take turns with every session's worker: none may pin one to its
     # CPU, as a thread that steps a worker of its own does (tests/sandbox/test_affinity.py).
     session = Session("pinned?", Limits())
-    replies: list[dict] = []
-
-    def step() -> None:
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        replies.append(session.step("print(1)"))
-
     try:
-        thread = threading.Thread(target=step)
-        thread.start()
-        thread.join()
-        assert replies[0]["observation"]["stdout"] == "1\n"
+        reply = in_thread(lambda: session.step("print(1)"), min(os.sched_getaffinity(0)))
+        assert reply["observation"]["stdout"] == "1\n"
         pid = session.backend.worker_pid
         assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
         assert os.sched_getscheduler(pid) != os.SCHED_IDLE
