@@ -4,6 +4,9 @@
 - the same step through ``RemoteBackend`` (``/ws``), through an HTTP session
   (``POST /step`` with ``X-Session-Id``), and stateless ``POST /step`` (OpenEnv's HTTP
   semantics: a fresh interpreter per request, so it pays a worker start every time);
+- for context, the WebSocket step with the client, the server and its worker held to one
+  CPU (on a machine with more than one): what the step costs when no wake-up crosses to
+  another CPU, which a server cannot arrange for its clients;
 - aggregate steps/s with 1, 8, 32 and 64 WebSocket sessions stepping at once;
 - with ``--docker-image``: the same server in a container from that image, reached through
   ``DockerBackend``, and the start-to-healthy time of a container beside a host process.
@@ -69,8 +72,9 @@ def _timed(step: Callable[[], object], steps: int, warm_up: int = WARM_UP) -> li
 
 
 @contextmanager
-def serving(max_sessions: int) -> Iterator[str]:
-    """``coding-gym serve`` on a free loopback port; yields its URL.
+def serving(max_sessions: int, cpu: int | None = None) -> Iterator[str]:
+    """``coding-gym serve`` on a free loopback port, held to ``cpu`` if given (its zygote and
+    workers too); yields its URL.
 
     What it prints after its URL (a line per HTTP request) is read and dropped as it comes:
     left in the pipe, it would fill it after a few hundred requests, and the server would
@@ -79,6 +83,9 @@ def serving(max_sessions: int) -> Iterator[str]:
         [sys.executable, "-m", "coding_gym.cli", "serve", "--port", "0",
          "--max-sessions", str(max_sessions)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if cpu is not None:
+        # Python is still starting up: every thread and child it starts inherits the mask.
+        os.sched_setaffinity(process.pid, (cpu,))
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
@@ -161,6 +168,30 @@ def interleaved_steps(url: str, steps: int, block: int = 50) -> dict[str, list[f
     return samples
 
 
+def one_cpu_steps(steps: int) -> list[float] | None:
+    """WebSocket step latency with the client's thread, the server and its worker all held
+    to one CPU; None on a machine with one CPU (every run is held to it anyway)."""
+    cpus = os.sched_getaffinity(0)
+    if len(cpus) < 2:
+        return None
+    cpu = max(cpus)
+    samples: list[float] = []
+
+    def client() -> None:
+        os.sched_setaffinity(0, (cpu,))  # this thread only
+        with RemoteBackend(base_url=url) as remote:
+            remote.reset()
+            samples.extend(_timed(lambda: remote.run(CODE), steps))
+
+    with serving(1, cpu=cpu) as url:
+        thread = threading.Thread(target=client)
+        thread.start()
+        thread.join()
+    if len(samples) < steps:
+        raise RuntimeError("the WebSocket steps on one CPU did not all run (see above)")
+    return samples
+
+
 def http_stateless_steps(url: str, steps: int) -> list[float]:
     with httpx.Client(base_url=url) as http:
         body = {"action": {"code": CODE}}
@@ -212,6 +243,11 @@ def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0,
         latency["http_stateless"] = _percentiles(http_stateless_steps(url, stateless_steps))
         for sessions in CONCURRENCY:
             throughput.append(asyncio.run(_throughput(url, sessions, seconds)))
+    one_cpu = one_cpu_steps(steps)
+    if one_cpu is not None:  # shown after the WebSocket step it is the context of
+        after = list(latency)[list(latency).index("websocket") + 1:]
+        rest = {name: latency.pop(name) for name in after}
+        latency.update(websocket_one_cpu=_percentiles(one_cpu), **rest)
     targets = {}
     startup: dict[str, dict[str, float]] = {}
     if docker_image is not None:
