@@ -63,7 +63,9 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
     a reply then wakes it without preempting the worker that sent it, which on two CPUs
     took a fifth off the CPU time of 8 envs' steps (see
     :class:`coding_gym.sandbox.fanout.Yielding`). A thread under any other policy is left
-    as it is.
+    as it is. With one env, a step runs as ``CodingEnv.step`` runs one, in the calling
+    thread: its worker waits on that thread's CPU while no other thread steps a worker (see
+    :mod:`coding_gym.sandbox.affinity`).
 
     ## Arguments
 
@@ -311,10 +313,14 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         """Run ``codes[k]`` in sub-env ``indices[k]``; ``finish(k, result, infra error)`` as
         each one ends."""
         backends = [self.envs[i].backend for i in indices]
+        if self.num_envs == 1:
+            # Stepped as CodingEnv.step steps it, in this thread: a local worker follows the
+            # thread while no other thread steps one (LocalBackend.run).
+            for k, (backend, code) in enumerate(zip(backends, codes, strict=True)):
+                finish(k, *_run_one(backend, code))
+            return
         if all(isinstance(backend, LocalBackend) for backend in backends):
-            # A single env is stepped as CodingEnv.step does: its worker follows this thread.
-            _run_local(backends, codes, self._loop, finish,  # type: ignore[arg-type]
-                       follow=self.num_envs == 1)
+            _run_local(backends, codes, self._loop, finish)  # type: ignore[arg-type]
             return
         for k, (result, infra_error) in enumerate(self._threads().map(_run_one, backends, codes)):
             finish(k, result, infra_error)
@@ -343,15 +349,14 @@ def _run_one(backend: Any, code: str) -> tuple[ExecResult, str | None]:
 
 
 def _run_local(backends: list[LocalBackend], codes: list[str], loop: StepLoop,
-               finish: Finish, follow: bool) -> None:
+               finish: Finish) -> None:
     """One ``epoll`` loop over every worker (see :class:`coding_gym.sandbox.fanout.StepLoop`);
-    each step is finished as soon as its result is in. ``follow``: see
-    :meth:`LocalBackend.begin`."""
+    each step is finished as soon as its result is in."""
     started: list[tuple[int, StepRun]] = []
     unstarted: list[tuple[int, BackendError]] = []
     for k, (backend, code) in enumerate(zip(backends, codes, strict=True)):
         try:
-            started.append((k, backend.begin(code, follow=follow)))
+            started.append((k, backend.begin(code)))
         except BackendError as e:
             unstarted.append((k, e))
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -240,3 +242,30 @@ def test_a_single_env_follows_the_stepping_thread_and_several_run_anywhere(num_e
         assert seen == [({cpu}, os.SCHED_IDLE)]
     else:
         assert seen == [(os.sched_getaffinity(0), os.SCHED_BATCH)] * num_envs
+
+
+def test_a_single_env_stepped_while_another_thread_steps_an_env_runs_anywhere(monkeypatch):
+    # Threads that step envs at the same time: their workers must spread over the CPUs, as
+    # for CodingEnv (tests/sandbox/test_affinity.py).
+    monkeypatch.setattr(steps, "QUIET_S", 1.0)
+    envs = gym.make_vec("CodingEnv-v0", num_envs=1, timeout_s=5.0)
+    other = CodingEnv(timeout_s=5.0)
+    cpu = min(os.sched_getaffinity(0))
+    try:
+        envs.reset(seed=0)
+        other.reset(seed=0)
+        busy = threading.Thread(target=other.step, args=("import time\ntime.sleep(0.5)",))
+        busy.start()
+        try:
+            time.sleep(0.1)  # the other thread is inside its step
+            in_thread(lambda: envs.step(["print(1)"]), cpu)
+            pid = envs.envs[0].backend.worker_pid
+            assert os.sched_getaffinity(pid) == os.sched_getaffinity(0)
+            assert os.sched_getscheduler(pid) != os.SCHED_IDLE
+        finally:
+            busy.join()
+        in_thread(lambda: envs.step(["print(2)"]), cpu)  # alone again
+        assert (os.sched_getaffinity(pid), os.sched_getscheduler(pid)) == ({cpu}, os.SCHED_IDLE)
+    finally:
+        envs.close()
+        other.close()
