@@ -96,7 +96,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
     app.add_middleware(BodySizeLimit, max_bytes=max_message_bytes)
     app.add_middleware(BrowserHeaders, prefix="/web")
 
-    def admit(request: Request) -> None:
+    async def admit(request: Request) -> None:
         if token is not None:
             if not token_matches(token, request.headers):
                 raise HTTPException(401, UNAUTHORIZED_DETAIL,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
+from typing import Any
 
 import httpx
 import pytest
 
 from coding_gym.models import Limits
+from coding_gym.server import app as app_module
+from coding_gym.server.security import browser_refusal
 from tests.servers import pid_alive, running_server, sessions_of, wait_for
 
 TOKEN = "s3cret-token"
@@ -354,3 +358,23 @@ def test_deleting_a_session_mid_step_kills_its_interpreter(http, server):
     assert not pid_alive(pid)
     assert results[0]["info"]["state_lost"] is True
     assert results[0]["info"]["kill_reason"] == "signal"
+
+
+def test_requests_are_admitted_on_the_event_loop(monkeypatch):
+    # Checked in a thread of FastAPI's pool, as a plain function would be, every guarded
+    # request paid two hand-offs between threads.
+    on_loop: list[bool] = []
+
+    def refusal(headers: Any, *, any_host: bool) -> str | None:
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return browser_refusal(headers, any_host=any_host)
+
+    monkeypatch.setattr(app_module, "browser_refusal", refusal)
+    with running_server() as server, httpx.Client(base_url=server.url) as http:
+        assert http.get("/state").status_code == 200
+        assert http.post("/step", json={"action": {"code": "print(1)"}}).status_code == 200
+    assert on_loop == [True, True]
