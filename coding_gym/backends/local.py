@@ -151,21 +151,22 @@ class LocalBackend:
         """
         _RUNNING.append(None)  # list.append and pop are atomic: no lock for the count
         try:
-            step = self.begin(code, timeout_s=timeout_s, asked_at=asked_at,
-                              follow=len(_RUNNING) == 1)
+            step = self._begin(code, timeout_s, asked_at, follow=len(_RUNNING) == 1)
             return self.finish(step, step.wait())
         finally:
             _RUNNING.pop()
 
     def begin(self, code: str, *, timeout_s: float | None = None,
-              asked_at: float | None = None, follow: bool = False) -> StepRun:
+              asked_at: float | None = None) -> StepRun:
         """Send ``code`` to the worker without waiting: the first half of :meth:`run`. Drive
         the step with :func:`coding_gym.sandbox.fanout.run_many` (which can drive steps of
-        many backends at once), then pass it with its result to :meth:`finish`.
+        many backends at once), then pass it with its result to :meth:`finish`."""
+        return self._begin(code, timeout_s, asked_at, follow=False)
 
-        ``follow``: the calling thread waits for the step itself (as in :meth:`run`), so the
-        worker may wait on its CPU (:mod:`coding_gym.sandbox.affinity`).
-        """
+    def _begin(self, code: str, timeout_s: float | None, asked_at: float | None, *,
+               follow: bool) -> StepRun:
+        """:meth:`begin`; ``follow``: the calling thread waits for the step itself, as in
+        :meth:`run`, so the worker may wait on its CPU (:mod:`coding_gym.sandbox.affinity`)."""
         worker = self._episode.worker
         if worker is None or not worker.alive or self._closed:
             if asked_at is None:

@@ -20,7 +20,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from coding_gym.models import ExecResult, KillReason, Limits
-from coding_gym.sandbox.affinity import FREE
 from coding_gym.sandbox.capture import Capture, collect, drain, with_note
 from coding_gym.sandbox.protocol import ResultFields, encode_run, kill_reason_of
 
@@ -207,8 +206,7 @@ class StepRun:
             if now < self.quiet_until:
                 events = quiet.poll((min(self.quiet_until, self.deadline) - now) * 1000)
             else:
-                if self.worker.cpu != FREE:
-                    self.worker.release()  # code that runs this long may use every CPU
+                self.worker.release()  # code that runs this long may use every CPU
                 events = full.poll((self.deadline - now) * 1000)
             for fd, _ in events:
                 self.on_event(fd)
