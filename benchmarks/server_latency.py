@@ -48,6 +48,10 @@ CODE = "print(1)"
 RESULTS = Path(__file__).parent / "results"
 CONCURRENCY = (1, 8, 32, 64)
 WARM_UP = 50
+#: Order of the latency rows (table, JSON, plot): the one-CPU step after the WebSocket step
+#: it is the context of.
+LATENCY_ROWS = ("local_backend", "websocket", "websocket_one_cpu", "http_session",
+                "http_stateless")
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
@@ -238,16 +242,14 @@ def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0,
         docker_image: str | None = None, starts: int = 5) -> dict[str, object]:
     throughput = []
     with serving(max(CONCURRENCY)) as url:
-        latency = {name: _percentiles(samples)
-                   for name, samples in interleaved_steps(url, steps).items()}
-        latency["http_stateless"] = _percentiles(http_stateless_steps(url, stateless_steps))
+        samples = interleaved_steps(url, steps)
+        samples["http_stateless"] = http_stateless_steps(url, stateless_steps)
         for sessions in CONCURRENCY:
             throughput.append(asyncio.run(_throughput(url, sessions, seconds)))
     one_cpu = one_cpu_steps(steps)
-    if one_cpu is not None:  # shown after the WebSocket step it is the context of
-        after = list(latency)[list(latency).index("websocket") + 1:]
-        rest = {name: latency.pop(name) for name in after}
-        latency.update(websocket_one_cpu=_percentiles(one_cpu), **rest)
+    if one_cpu is not None:
+        samples["websocket_one_cpu"] = one_cpu
+    latency = {name: _percentiles(samples[name]) for name in LATENCY_ROWS if name in samples}
     targets = {}
     startup: dict[str, dict[str, float]] = {}
     if docker_image is not None:
