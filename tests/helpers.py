@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from coding_gym.backends.local import LocalBackend
+    from coding_gym.models import ExecResult
 
 T = TypeVar("T")
 
@@ -30,6 +34,13 @@ def in_thread(body: Callable[[], T], cpu: int | None = None) -> T:
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"]  # type: ignore[return-value]
+
+
+def loop_step(backend: LocalBackend, code: str) -> ExecResult:
+    """A step begun as the vector env and the server begin theirs (``begin``, then
+    ``finish``): its worker never follows the calling thread (see sandbox/affinity.py)."""
+    step = backend.begin(code)
+    return backend.finish(step, step.wait())
 
 
 def descendant_pids(root: int | None = None) -> set[int]:

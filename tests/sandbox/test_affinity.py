@@ -11,7 +11,7 @@ import pytest
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
 from coding_gym.sandbox import cgroups, steps, supervisor
-from tests.helpers import in_thread
+from tests.helpers import in_thread, loop_step
 
 CPUS = sorted(os.sched_getaffinity(0))
 two_cpus = pytest.mark.skipif(len(CPUS) < 2, reason="following a thread to another CPU "
@@ -79,8 +79,7 @@ def test_a_step_begun_for_a_loop_frees_a_worker_a_thread_had_pinned(backend):
     pid = backend.worker_pid
     in_thread(cpu=CPUS[0], body=lambda: backend.run("print(1)"))
     assert _placement(pid) == ({CPUS[0]}, os.SCHED_IDLE)
-    step = backend.begin("print(2)")  # as the vector env and the server begin their steps
-    assert backend.finish(step, step.wait()).stdout == "2\n"
+    assert loop_step(backend, "print(2)").stdout == "2\n"
     assert _placement(pid) == (set(CPUS), os.SCHED_BATCH)
 
 
@@ -91,8 +90,7 @@ def test_a_copy_that_may_have_been_pinned_is_freed_by_its_first_loop_step(backen
         # A copy of a worker starts as the worker was when copied, pinned maybe: its first
         # step from a loop makes sure it is free.
         _pin(pid, CPUS[0])
-        step = forked.begin("print(x + 1)")
-        assert forked.finish(step, step.wait()).stdout == "42\n"
+        assert loop_step(forked, "print(x + 1)").stdout == "42\n"
         assert _placement(pid) == (set(CPUS), os.SCHED_BATCH)
 
 

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from coding_gym.backends.local import LocalBackend
-from coding_gym.models import ExecResult, Limits
+from coding_gym.models import Limits
 from coding_gym.sandbox import zygote
-from tests.helpers import descendant_pids
+from tests.helpers import descendant_pids, loop_step
 
 START_A_THREAD = (
     "import threading\n"
@@ -132,22 +132,17 @@ def test_snapshotting_restored_and_rolled_back_workers_keep_the_worker_schedulin
     policy = "import os\nprint(os.sched_getscheduler(0))"
     # Steps begun as a loop begins them: a worker that follows the thread that steps it
     # changes its policy for that (see test_affinity.py).
-    expected = _step(backend, policy).stdout
+    expected = loop_step(backend, policy).stdout
     with backend.snapshot() as snapshot:
         # The worker's policy changes while it forks the copy, and is back once it replied.
-        assert _step(backend, policy).stdout == expected
+        assert loop_step(backend, policy).stdout == expected
         backend.restore(snapshot)
-        assert _step(backend, policy).stdout == expected
+        assert loop_step(backend, policy).stdout == expected
     with LocalBackend(Limits(timeout_s=1.0), transactional=True) as transactional:
         transactional.reset()
-        expected = _step(transactional, policy).stdout
-        assert _step(transactional, "import os\nos._exit(3)").extra["rolled_back"] is True
-        assert _step(transactional, policy).stdout == expected
-
-
-def _step(backend: LocalBackend, code: str) -> ExecResult:
-    step = backend.begin(code)
-    return backend.finish(step, step.wait())
+        expected = loop_step(transactional, policy).stdout
+        assert loop_step(transactional, "import os\nos._exit(3)").extra["rolled_back"] is True
+        assert loop_step(transactional, policy).stdout == expected
 
 
 def test_a_copy_of_a_spawned_worker_is_out_of_its_tree_when_the_snapshot_returns():
