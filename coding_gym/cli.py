@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--insecure", action="store_true",
                        help="listen beyond loopback without a token, answering any Host "
                             "name: anyone who can reach the port can run code on this machine")
+    serve.add_argument("--start-ahead", type=_non_negative_int, default=1, metavar="N",
+                       help="interpreters kept started for the next new sessions and "
+                            "resets, beyond --max-sessions; 0 for none (default: 1)")
     serve.add_argument("--idle-timeout-s", type=_positive_float, default=600.0,
                        help="close sessions idle for this long (default: 600)")
     serve.add_argument("--ws-deflate", action="store_true",
@@ -146,7 +149,7 @@ def _cmd_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     serving.tune_allocator()
     app = create_app(limits=_limits(args), max_sessions=args.max_sessions,
                      idle_timeout_s=args.idle_timeout_s, token=token,
-                     any_host=args.insecure)
+                     any_host=args.insecure, start_ahead=args.start_ahead)
     try:
         sock = serving.bind(args.host, args.port)
     except OSError as e:
@@ -244,6 +247,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text}")
     return value
 
 

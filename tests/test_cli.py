@@ -13,6 +13,7 @@ import pytest
 from websockets.sync.client import connect
 
 from coding_gym.cli import build_parser, main
+from tests.servers import wait_for
 
 
 def coding_gym(*args: str, **kwargs) -> subprocess.CompletedProcess[bytes]:
@@ -52,6 +53,12 @@ def test_run_missing_file_is_exit_2(tmp_path):
     assert "cannot read" in done.stderr.decode()
 
 
+def test_serve_refuses_a_negative_count_of_interpreters_ahead():
+    done = coding_gym("serve", "--port", "0", "--start-ahead", "-1")
+    assert done.returncode == 2
+    assert "--start-ahead: expected 0 or a positive integer, got -1" in done.stderr.decode()
+
+
 def test_serve_refuses_a_public_address_without_a_token():
     env = {k: v for k, v in os.environ.items() if k != "CODING_GYM_TOKEN"}
     done = coding_gym("serve", "--host", "0.0.0.0", "--port", "0", env=env)
@@ -84,11 +91,12 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 
 def test_serve_prints_the_url_and_serves_until_interrupted():
-    process, url = _serve("--max-sessions", "3", "--timeout-s", "2")
+    process, url = _serve("--max-sessions", "3", "--timeout-s", "2", "--start-ahead", "2")
     try:
         assert httpx.get(f"{url}/health").json() == {"status": "healthy"}
         assert httpx.get(f"{url}/web/").status_code == 200
         assert httpx.get(f"{url}/sessions").json()["max_sessions"] == 3
+        wait_for(lambda: httpx.get(f"{url}/sessions").json()["ready_ahead"] == 2)
         assert httpx.get(f"{url}/metadata").json()["limits"]["timeout_s"] == 2.0
         body = httpx.post(f"{url}/step", json={"action": {"code": "print(1 + 1)"}}).json()
         assert body["observation"]["stdout"] == "2\n"

@@ -34,13 +34,8 @@ from coding_gym.server.security import (
     browser_refusal,
     token_matches,
 )
-from coding_gym.server.sessions import (
-    CapacityReached,
-    Session,
-    SessionManager,
-    new_episode_id,
-    reset_reply,
-)
+from coding_gym.server.session import Session, new_episode_id, reset_reply
+from coding_gym.server.sessions import CapacityReached, SessionManager
 
 T = TypeVar("T")
 
@@ -59,7 +54,8 @@ class _ClientGone(Exception):
 
 def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
                idle_timeout_s: float = 600.0, token: str | None = None,
-               any_host: bool = False, max_message_bytes: int = 1 << 20) -> FastAPI:
+               any_host: bool = False, max_message_bytes: int = 1 << 20,
+               start_ahead: int = 1) -> FastAPI:
     """The coding_gym server as an ASGI application.
 
     Args:
@@ -75,11 +71,13 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
         any_host: Without a token, answer requests whatever their ``Host``: for a server
             bound beyond loopback on purpose (``coding-gym serve --insecure``).
         max_message_bytes: Largest HTTP request body and WebSocket message accepted.
+        start_ahead: Interpreters kept started, beyond ``max_sessions``, for the next new
+            sessions and resets: those then wait for none (see ``server/ahead.py``).
 
     Serve it with uvicorn (``coding-gym serve`` does), with ``ws_max_size`` above
     ``max_message_bytes`` so that oversized messages get an error reply.
     """
-    manager = SessionManager(limits or Limits(), max_sessions, idle_timeout_s)
+    manager = SessionManager(limits or Limits(), max_sessions, idle_timeout_s, start_ahead)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -173,7 +171,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
         if session_id is None:
             return reset_reply(body.episode_id or new_episode_id(body.seed))
         session = find_session(session_id)
-        return await run(manager.call(session, session.reset, body.seed, body.episode_id))
+        return await run(manager.reset(session, body.seed, body.episode_id))
 
     @app.post("/step", dependencies=guarded, tags=["Environment"])
     async def step(request: Request, body: StepRequest,
@@ -189,7 +187,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
         except _ClientGone:
             return Response(status_code=499)
         finally:
-            await manager.close(session)
+            manager.close_soon(session)  # the reply need not wait for it; its slot does
 
     @app.get("/state", dependencies=guarded, tags=["Environment"])
     async def state(session_id: SessionId = None) -> dict[str, Any]:
@@ -206,8 +204,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
         """Open a session and start its first episode; send its id as X-Session-Id."""
         session = await open_session()
         try:
-            reply = await run(manager.call(session, session.reset, body.seed,
-                                           body.episode_id))
+            reply = await run(manager.reset(session, body.seed, body.episode_id))
         except BaseException:
             await manager.close(session)
             raise
@@ -215,9 +212,11 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
 
     @app.get("/sessions", dependencies=guarded, tags=["Sessions"])
     async def sessions() -> dict[str, Any]:
-        """How many sessions are open, and how many may be."""
+        """How many sessions are open, how many may be, and how many interpreters are
+        started ahead for the next."""
         return {"active": manager.active, "max_sessions": manager.max_sessions,
-                "idle_timeout_s": manager.idle_timeout_s}
+                "idle_timeout_s": manager.idle_timeout_s,
+                "ready_ahead": manager.ready_ahead}
 
     @app.delete("/sessions/{session_id}", status_code=204, dependencies=guarded,
                 tags=["Sessions"])

@@ -23,7 +23,8 @@ from starlette.types import Receive, Send
 from coding_gym import jsontext
 from coding_gym.errors import BackendError
 from coding_gym.server import protocol
-from coding_gym.server.sessions import Session, SessionManager
+from coding_gym.server.session import Session
+from coding_gym.server.sessions import SessionManager
 from coding_gym.server.wsprotocol import DirectFramesProtocol
 
 logger = logging.getLogger(__name__)
@@ -134,8 +135,7 @@ class Connection:
             if kind == "step":
                 data = await self.manager.step(session, request.code, request.timeout_s)
             elif kind == "reset":
-                data = await self.manager.call(session, session.reset, request.seed,
-                                               request.episode_id)
+                data = await self.manager.reset(session, request.seed, request.episode_id)
             elif kind == "state":
                 return protocol.state_reply(session.state())
             else:

@@ -4,26 +4,26 @@ A session is one client's episode: a WebSocket connection, an HTTP session
 (``POST /sessions``), or a single stateless HTTP step. Backend calls block, so they run in a
 thread pool with one thread per possible session; a session runs one call at a time, which
 keeps its steps in order and the pool never short of a thread. Quick steps are the exception:
-their reply is read on the event loop (:mod:`coding_gym.server.stepping`).
+their reply is read on the event loop (:mod:`coding_gym.server.stepping`). Sessions take
+their interpreters started ahead where they can (:mod:`coding_gym.server.ahead`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import secrets
 import time
-import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
 
-from coding_gym.backends.local import LocalBackend
-from coding_gym.models import ExecResult, Limits
+from coding_gym.models import Limits
 from coding_gym.sandbox import steps
 from coding_gym.server import stepping
+from coding_gym.server.ahead import InterpreterAhead
+from coding_gym.server.session import Session
 
 logger = logging.getLogger(__name__)
 
@@ -44,102 +44,6 @@ class CapacityReached(Exception):
             "--max-sessions"
         )
         self.max_sessions = max_sessions
-
-
-class Session:
-    """One client's episode on its own :class:`LocalBackend`.
-
-    The methods that touch the backend block; :class:`SessionManager` runs them in its pool.
-    """
-
-    def __init__(self, session_id: str, limits: Limits) -> None:
-        self.id = session_id
-        self.limits = limits
-        self.backend = LocalBackend(limits)
-        #: The loop's readers on the backend's worker; stopped before any thread uses it.
-        self.watch = stepping.WorkerWatch()
-        self.episode_id: str | None = None
-        self.step_count = 0
-        self.last_exit_code: int | None = None
-        self.last_active = time.monotonic()
-        #: When the last call of the client ended.
-        self.answered_at = 0.0
-        #: The turn is held by a call of the client (not by the server's own).
-        self.serving_client = False
-        self.busy = False
-        #: Its client left or it is being closed: its slot is about to be free.
-        self.closing = False
-        self.lock = asyncio.Lock()
-        #: Set by the owner of a connection: ends it when the session is reaped.
-        self.on_expire: Callable[[], Awaitable[None]] | None = None
-
-    def reset(self, seed: int | None = None, episode_id: str | None = None) -> dict[str, Any]:
-        """Start a fresh interpreter and a new episode; the reset reply."""
-        self.backend.reset()
-        self.episode_id = episode_id or new_episode_id(seed)
-        self.step_count = 0
-        self.last_exit_code = None
-        return reset_reply(self.episode_id)
-
-    def step(self, code: str, timeout_s: float | None = None,
-             asked_at: float | None = None) -> dict[str, Any]:
-        """Run ``code`` (starting an episode first if none has started); the step reply.
-        The time limit counts from ``asked_at`` (see :meth:`LocalBackend.run`)."""
-        if self.episode_id is None:
-            self.reset()
-        # Begun as the event loop begins steps (and not with LocalBackend.run): the server's
-        # threads take turns with many workers, which none of them may pin to its own CPU.
-        step = self.backend.begin(code, timeout_s=self.limit_s(timeout_s), asked_at=asked_at)
-        return self.record(self.backend.finish(step, step.wait()))
-
-    def limit_s(self, timeout_s: float | None) -> float:
-        """The time limit of a step: a client may shorten the server's, never lengthen it."""
-        return self.limits.timeout_s if timeout_s is None else min(timeout_s,
-                                                                   self.limits.timeout_s)
-
-    def record(self, result: ExecResult) -> dict[str, Any]:
-        """Count a step of this episode; its reply."""
-        self.step_count += 1
-        self.last_exit_code = result.exit_code
-        info = result.info()
-        info.update(episode_id=self.episode_id, step=self.step_count)
-        return {
-            "observation": {"stdout": result.stdout, "stderr": result.stderr,
-                            "exit_code": result.exit_code},
-            "reward": 0.0,
-            "done": False,
-            "info": info,
-        }
-
-    def state(self) -> dict[str, Any]:
-        """The state reply: episode id, steps taken, last exit code."""
-        return {"episode_id": self.episode_id, "step_count": self.step_count,
-                "last_exit_code": self.last_exit_code}
-
-    def interrupt(self) -> None:
-        """Kill the running interpreter now; thread-safe."""
-        self.backend.interrupt()
-
-    def close(self) -> None:
-        """Kill the interpreter and remove its directory."""
-        self.backend.close()
-
-
-def new_episode_id(seed: int | None = None) -> str:
-    """A random episode id, or one derived from ``seed`` so that a seeded reset repeats it."""
-    if seed is None:
-        return uuid.uuid4().hex
-    return uuid.UUID(bytes=random.Random(seed).randbytes(16), version=4).hex
-
-
-def reset_reply(episode_id: str) -> dict[str, Any]:
-    """The reply to a reset: empty output, exit code 0, no reward yet."""
-    return {
-        "observation": {"stdout": "", "stderr": "", "exit_code": 0},
-        "reward": None,
-        "done": False,
-        "info": {"episode_id": episode_id, "step": 0},
-    }
 
 
 #: How often a step waiting behind a call of its own client looks at who holds the turn.
@@ -188,9 +92,12 @@ class SessionManager:
         limits: Limits of every session's interpreter; clients may only shorten the timeout.
         max_sessions: Sessions (so interpreters) alive at once.
         idle_timeout_s: A session without a request for this long is closed.
+        start_ahead: Interpreters kept started for the next sessions and resets (see
+            :mod:`coding_gym.server.ahead`); 0 for none.
     """
 
-    def __init__(self, limits: Limits, max_sessions: int, idle_timeout_s: float) -> None:
+    def __init__(self, limits: Limits, max_sessions: int, idle_timeout_s: float,
+                 start_ahead: int = 1) -> None:
         if max_sessions < 1:
             raise ValueError(f"max_sessions must be at least 1, got {max_sessions}")
         if idle_timeout_s <= 0:
@@ -204,6 +111,14 @@ class SessionManager:
         self._slot_freed = asyncio.Condition()
         #: Interpreters being started ahead for sessions whose last step killed theirs.
         self._replacing: set[asyncio.Task[None]] = set()
+        #: Stateless steps' sessions being closed after their reply.
+        self._closing: set[asyncio.Task[None]] = set()
+        self._ahead = InterpreterAhead(limits, start_ahead)
+
+    @property
+    def ready_ahead(self) -> int:
+        """Interpreters started ahead and ready to be taken."""
+        return self._ahead.ready
 
     @property
     def active(self) -> int:
@@ -227,7 +142,7 @@ class SessionManager:
                     pass
         if len(self._sessions) >= self.max_sessions:
             raise CapacityReached(self.max_sessions)
-        session = Session(secrets.token_urlsafe(18), self.limits)
+        session = Session(secrets.token_urlsafe(18), self.limits, await self._ahead.take())
         self._sessions[session.id] = session
         return session
 
@@ -255,6 +170,19 @@ class SessionManager:
         session.watch.stop()
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
 
+    async def reset(self, session: Session, seed: int | None = None,
+                    episode_id: str | None = None) -> dict[str, Any]:
+        """:meth:`Session.reset`: on the interpreter started ahead if one is ready (the
+        session's own, if it ran code, is then closed in the background), else in the pool."""
+        async with self._turn(session):
+            if not session.fresh:
+                backend = await self._ahead.take()
+                if backend is not None:
+                    self._ahead.close_soon(session.swap(backend))
+            if session.fresh:
+                return session.reset(seed, episode_id)  # no interpreter to start: no wait
+            return await self._in_pool(session, partial(session.reset, seed, episode_id))
+
     async def step(self, session: Session, code: str,
                    timeout_s: float | None = None) -> dict[str, Any]:
         """:meth:`Session.step`, with the reply read on the event loop when it can be.
@@ -272,6 +200,8 @@ class SessionManager:
             return session.record(result)
         try:
             asked_at = max(arrived, session.answered_at)
+            if session.episode_id is None and session.fresh:
+                session.reset()  # its interpreter was started ahead: a new episode id only
             backend = session.backend
             if session.episode_id is None or not stepping.ready_on_loop(backend, code):
                 reply = await self._in_pool(session, partial(session.step, code, timeout_s,
@@ -343,8 +273,16 @@ class SessionManager:
             async with self._slot_freed:
                 self._slot_freed.notify_all()
 
+    def close_soon(self, session: Session) -> None:
+        """:meth:`close` in the background (:meth:`shutdown` waits for it)."""
+        task = asyncio.get_running_loop().create_task(self.close(session))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
     def start_reaper(self) -> None:
-        """Start closing idle sessions (from a running event loop)."""
+        """Start closing idle sessions, and an interpreter ahead (from a running event
+        loop)."""
+        self._ahead.fill()
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
 
@@ -378,5 +316,7 @@ class SessionManager:
         sessions = self.sessions()
         for session in sessions:
             await self.interrupt(session)
-        await asyncio.gather(*(self.close(s) for s in sessions), return_exceptions=True)
+        await asyncio.gather(*(self.close(s) for s in sessions), *self._closing,
+                             return_exceptions=True)
+        await self._ahead.stop()
         self._pool.shutdown(wait=False)

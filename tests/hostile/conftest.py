@@ -58,7 +58,10 @@ def server(secret_in_environment: None) -> Iterator[Server]:
     fd, log_path = tempfile.mkstemp(prefix="coding-gym-hostile-server-", suffix=".log")
     command = [sys.executable, "-m", "coding_gym.cli", "serve", "--host", "127.0.0.1",
                "--port", "0", "--token", TOKEN, "--timeout-s", str(TIMEOUT_S),
-               "--memory-mb", str(MEMORY_MB)]
+               "--memory-mb", str(MEMORY_MB),
+               # The leak checks compare pids: an interpreter started ahead would be a new
+               # pid after every test (its path is checked in tests/server/test_ahead.py).
+               "--start-ahead", "0"]
     process = subprocess.Popen(command, stdout=fd, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL)
     os.close(fd)

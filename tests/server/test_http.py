@@ -266,7 +266,7 @@ def test_backend_failure_is_500_with_the_reason():
                               json={"action": {"code": "print(1)"}})
         assert response.status_code == 500
         assert "could not run the request" in response.json()["detail"]
-        assert sessions_of(server).active == 0
+        wait_for(lambda: sessions_of(server).active == 0)  # closed after the reply
 
 
 def test_client_disconnecting_mid_step_kills_the_worker_and_frees_the_slot(server):

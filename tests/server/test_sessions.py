@@ -8,7 +8,8 @@ import os
 import pytest
 
 from coding_gym.models import Limits
-from coding_gym.server.sessions import CapacityReached, Session, SessionManager, _Turn
+from coding_gym.server.session import Session
+from coding_gym.server.sessions import CapacityReached, SessionManager, _Turn
 from tests.helpers import in_thread
 
 
