@@ -118,6 +118,12 @@ def summarize(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                              f"{ratio:.2f}x ({latency[name]['p50_us']:.0f} µs)",
                              f"<= {bound:g}x" if bound else "(context)",
                              ratio <= bound if bound else None))
+        starts = reports["server_latency"]["episode_starts"]
+        ws, local = starts["websocket_reset"]["p50_ms"], starts["local_reset"]["p50_ms"]
+        rows.append(_row("server websocket reset p50 / LocalBackend reset p50", ws / local,
+                         f"{ws / local:.2f}x ({ws:.2f} / {local:.2f} ms; stateless step "
+                         f"{starts['http_stateless_step']['p50_ms']:.2f} ms)", "(context)",
+                         None))
     return rows
 
 

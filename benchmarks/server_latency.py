@@ -7,6 +7,9 @@
 - for context, the WebSocket step with the client, the server and its worker held to one
   CPU (on a machine with more than one): what the step costs when no wake-up crosses to
   another CPU, which a server cannot arrange for its clients;
+- the start of an episode, each sample 20 ms after the last (a client does something between
+  episodes): ``LocalBackend.reset()``, a reset over ``/ws``, and a stateless ``POST /step``
+  (its episode's start, step and end); the server starts interpreters ahead in such pauses;
 - aggregate steps/s with 1, 8, 32 and 64 WebSocket sessions stepping at once;
 - with ``--docker-image``: the same server in a container from that image, reached through
   ``DockerBackend``, and the start-to-healthy time of a container beside a host process.
@@ -48,6 +51,8 @@ CODE = "print(1)"
 RESULTS = Path(__file__).parent / "results"
 CONCURRENCY = (1, 8, 32, 64)
 WARM_UP = 50
+#: Pause before each sample of an episode's start (see episode_starts).
+THINK_S = 0.02
 #: Order of the latency rows (table, JSON, plot): the one-CPU step after the WebSocket step
 #: it is the context of.
 LATENCY_ROWS = ("local_backend", "websocket", "websocket_one_cpu", "http_session",
@@ -202,6 +207,30 @@ def http_stateless_steps(url: str, steps: int) -> list[float]:
         return _timed(lambda: http.post("/step", json=body).json(), steps, warm_up=3)
 
 
+def episode_starts(url: str, samples: int) -> dict[str, list[float]]:
+    """Seconds to start an episode, :data:`THINK_S` after the last sample, designs in turns:
+    ``LocalBackend.reset()``, ``RemoteBackend.reset()``, and a stateless ``POST /step``."""
+    with LocalBackend() as local, RemoteBackend(base_url=url) as remote, \
+            httpx.Client(base_url=url) as http:
+        local.reset()
+        remote.reset()
+        body = {"action": {"code": CODE}}
+        designs: dict[str, Callable[[], object]] = {
+            "local_reset": local.reset,
+            "websocket_reset": remote.reset,
+            "http_stateless_step": lambda: http.post("/step", json=body).json(),
+        }
+        times: dict[str, list[float]] = {name: [] for name in designs}
+        for turn in range(samples + 2):  # the first two turns warm up
+            for name, start in designs.items():
+                time.sleep(THINK_S)
+                began = time.perf_counter()
+                start()
+                if turn >= 2:
+                    times[name].append(time.perf_counter() - began)
+    return times
+
+
 async def _throughput(url: str, sessions: int, seconds: float) -> dict[str, Any]:
     ws_url = url.replace("http://", "ws://") + "/ws"
     step = json.dumps({"type": "step", "data": {"code": CODE}})
@@ -244,6 +273,9 @@ def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0,
     with serving(max(CONCURRENCY)) as url:
         samples = interleaved_steps(url, steps)
         samples["http_stateless"] = http_stateless_steps(url, stateless_steps)
+        starts_ms = {name: {k.replace("_us", "_ms"): v / 1000
+                            for k, v in _percentiles(times).items() if k != "n"}
+                     for name, times in episode_starts(url, stateless_steps).items()}
         for sessions in CONCURRENCY:
             throughput.append(asyncio.run(_throughput(url, sessions, seconds)))
     one_cpu = one_cpu_steps(steps)
@@ -272,6 +304,8 @@ def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "latency": latency,
+        "episode_starts": starts_ms,
+        "think_s": THINK_S,
         "throughput": throughput,
         "start_to_healthy": startup,
         "targets": {
@@ -288,6 +322,10 @@ def print_table(report: dict[str, object]) -> None:
     for name, row in latency.items():
         print(f"{name:<18}{row['p50_us']:>10.1f}{row['p95_us']:>10.1f}{row['n']:>6.0f}"
               f"{row['p50_vs_local']:>13.2f}x")
+    starts: dict[str, dict[str, float]] = report["episode_starts"]  # type: ignore[assignment]
+    print(f"\n{'episode start':<20}{'p50 ms':>10}{'p95 ms':>10}")
+    for name, row in starts.items():
+        print(f"{name:<20}{row['p50_ms']:>10.2f}{row['p95_ms']:>10.2f}")
     print(f"\n{'ws sessions':<18}{'steps/s':>10}{'steps':>8}{'errors':>8}")
     for row in report["throughput"]:  # type: ignore[attr-defined]
         print(f"{row['sessions']:<18}{row['steps_per_s']:>10.0f}{row['steps']:>8}"
