@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import select
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from coding_gym.models import ExecResult
@@ -98,41 +98,14 @@ class StepLoop:
         #: fd -> position of its step in the batch (the steps' order follows the workers').
         self._positions: dict[int, int] = {}
 
-    def run(self, runs: Sequence[StepRun],
-            done: Callable[[int], None] | None = None) -> list[ExecResult]:
-        """Drive every step to its result; results in the order of ``runs``.
-
-        ``done(position)`` is called as soon as the step at that position has its result,
-        while the others may still run: work on one result then overlaps the others' code.
-        An exception from it is raised once every step has its result, so that no worker
-        is left with a reply unread.
-        """
-        if done is None:
-            if len(runs) == 1:
-                return [runs[0].wait()]
-            with Yielding():
-                return self._drive(runs, None)
-        failures: list[BaseException] = []
-
-        def guarded(position: int) -> None:
-            if not failures:
-                try:
-                    done(position)
-                except BaseException as e:  # noqa: BLE001 - raised below, once all replied
-                    failures.append(e)
-
+    def run(self, runs: Sequence[StepRun]) -> list[ExecResult]:
+        """Drive every step to its result; results in the order of ``runs``."""
         if len(runs) == 1:
-            results = [runs[0].wait()]
-            guarded(0)
-        else:
-            with Yielding():
-                results = self._drive(runs, guarded)
-        if failures:
-            raise failures[0]
-        return results
+            return [runs[0].wait()]
+        with Yielding():
+            return self._drive(runs)
 
-    def _drive(self, runs: Sequence[StepRun],
-               done: Callable[[int], None] | None) -> list[ExecResult]:
+    def _drive(self, runs: Sequence[StepRun]) -> list[ExecResult]:
         workers = tuple(run.worker for run in runs)
         if self._epoll is None or workers != self._workers:
             self._watch(workers)
@@ -140,11 +113,9 @@ class StepLoop:
         assert epoll is not None
         positions = self._positions
         pending = len(runs)
-        for position, run in enumerate(runs):
+        for run in runs:
             if run.result is not None:  # its worker was gone before the code could be sent
                 pending -= 1
-                if done is not None:
-                    done(position)
         quiet_until = _monotonic() + QUIET_S
         quiet = True
         deadline = min((run.deadline for run in runs if run.result is None), default=0.0)
@@ -154,12 +125,10 @@ class StepLoop:
                 quiet = False
                 self._watch_output(runs)
             if now >= deadline:
-                for position, run in enumerate(runs):
+                for run in runs:
                     if run.result is None and run.deadline <= now:
                         run.expire()
                         pending -= 1
-                        if done is not None:
-                            done(position)
                 deadline = min((run.deadline for run in runs if run.result is None),
                                default=0.0)
                 continue
@@ -175,8 +144,6 @@ class StepLoop:
                 run.on_event(fd)
                 if run.result is not None:
                     pending -= 1
-                    if done is not None:
-                        done(position)
         return [run.result for run in runs]  # type: ignore[misc]  # none is pending: all have one
 
     def _watch(self, workers: tuple[WorkerProcess, ...]) -> None:

@@ -64,42 +64,22 @@ def test_a_worker_that_writes_after_its_reply_does_not_stall_the_others(backends
         loop.close()
 
 
-def test_done_is_called_for_each_step_as_it_ends_and_its_error_waits_for_the_rest(backends):
-    loop = StepLoop()
-    try:
-        order: list[int] = []
-
-        def note(position: int) -> None:
-            order.append(position)
-
-        loop.run([backends[0].begin("import time; time.sleep(0.4)"),
-                  backends[1].begin("print(1)"),
-                  backends[2].begin("import time; time.sleep(0.2)")], note)
-        assert order == [1, 2, 0]
-
-        def fail(position: int) -> None:
-            raise ValueError(f"step {position}")
-
-        with pytest.raises(ValueError, match="step 0"):
-            loop.run([backends[0].begin("print(2)"),
-                      backends[1].begin("import time; time.sleep(0.2); print(3)")], fail)
-        # Every reply was read before the error came out: the next batch starts clean.
-        results = loop.run([b.begin("print('next')") for b in backends])
-        assert [r.stdout for r in results] == ["next\n"] * 3
-    finally:
-        loop.close()
-
-
 def test_the_loop_waits_as_a_batch_thread_and_its_thread_is_normal_again_after(backends):
     def body() -> tuple[list[int], int, int, int]:
         os.nice(3)
         seen: list[int] = []
-        loop = StepLoop()
+        loop = watched(StepLoop(), seen)
         try:
-            loop.run([b.begin("print(1)") for b in backends],
-                     lambda position: seen.append(os.sched_getscheduler(0)))
-            with pytest.raises(ValueError):
-                loop.run([b.begin("print(2)") for b in backends], _raise)
+            loop.run([b.begin("print(1)") for b in backends])
+            drive = loop._drive
+
+            def failing(runs):
+                drive(runs)  # every reply read, then an error inside the loop
+                raise ValueError("in the loop")
+
+            loop._drive = failing  # type: ignore[method-assign]
+            with pytest.raises(ValueError, match="in the loop"):
+                loop.run([b.begin("print(2)") for b in backends])
             after_error = os.sched_getscheduler(0)
             run_many([b.begin("print(3)") for b in backends])
         finally:
@@ -107,14 +87,22 @@ def test_the_loop_waits_as_a_batch_thread_and_its_thread_is_normal_again_after(b
         return seen, after_error, os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)
 
     seen, after_error, after, nice = in_thread(body)
-    assert seen == [os.SCHED_BATCH] * 3
+    assert seen == [os.SCHED_BATCH] * 2  # in both loops, the one that failed too
     assert after_error == after == os.SCHED_OTHER
     assert nice == os.getpriority(os.PRIO_PROCESS, 0) + 3  # its own nice, kept
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the other threads were not touched
 
 
-def _raise(position: int) -> None:
-    raise ValueError(position)
+def watched(loop: StepLoop, seen: list[int]) -> StepLoop:
+    """``loop``, noting in ``seen`` its thread's policy each time it starts waiting."""
+    drive = loop._drive
+
+    def noting(runs):
+        seen.append(os.sched_getscheduler(0))
+        return drive(runs)
+
+    loop._drive = noting  # type: ignore[method-assign]
+    return loop
 
 
 @pytest.mark.parametrize("policy", ["SCHED_BATCH", "SCHED_IDLE"])
@@ -124,17 +112,16 @@ def test_a_thread_under_another_policy_keeps_it(backends, policy):
     def body() -> tuple[list[int], int]:
         os.sched_setscheduler(0, chosen, os.sched_param(0))
         seen: list[int] = []
-        loop = StepLoop()
+        loop = watched(StepLoop(), seen)
         try:
-            results = loop.run([b.begin("print(1)") for b in backends],
-                               lambda position: seen.append(os.sched_getscheduler(0)))
+            results = loop.run([b.begin("print(1)") for b in backends])
         finally:
             loop.close()
         assert [r.stdout for r in results] == ["1\n"] * 3
         return seen, os.sched_getscheduler(0)
 
     seen, after = in_thread(body)
-    assert seen == [chosen] * 3 and after == chosen
+    assert seen == [chosen] and after == chosen
 
 
 def test_a_refused_policy_change_leaves_the_thread_as_it_is(backends, monkeypatch):
