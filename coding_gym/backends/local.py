@@ -102,7 +102,7 @@ class LocalBackend:
     def worker_pid(self) -> int | None:
         """Pid of the live worker, if any."""
         worker = self._episode.worker
-        return worker.pid if worker is not None and not worker.gone() else None
+        return worker.pid if worker is not None and worker.alive else None
 
     def reset(self) -> None:
         """Discard the interpreter and its directory; start a fresh worker."""

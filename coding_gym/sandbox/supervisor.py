@@ -147,7 +147,7 @@ class WorkerProcess(StartUp):
     def _follow(self, cpu: int) -> None:
         """Wait between steps on ``cpu``, the CPU of the thread that steps the worker, as an
         idle-priority process; if that is refused, stay free from then on."""
-        if cpu < 0 or not self._may_follow or self.gone():
+        if cpu < 0 or not self._may_follow or self._gone():
             return
         if not affinity.pin(self.pid, cpu, first=self.cpu < 0):
             self._may_follow = False
@@ -161,10 +161,10 @@ class WorkerProcess(StartUp):
         if self.cpu == affinity.FREE:
             return
         self.cpu = affinity.FREE
-        if not self.gone():
+        if not self._gone():
             affinity.release(self.cgroup.pids() if self.cgroup is not None else (self.pid,))
 
-    def gone(self) -> bool:
+    def _gone(self) -> bool:
         """The worker exited (or cannot be told from a process that took its pid since)."""
         pidfd = self.pidfd
         if not self.alive or pidfd is None:

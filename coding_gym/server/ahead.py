@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
+from coding_gym.server import stepping
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class InterpreterAhead:
         backend = None
         while self._ready and backend is None:
             backend = self._ready.pop(0)
-            if backend.worker_pid is None:  # it died while it waited
+            if not stepping.idle(backend):  # it died while it waited
                 self.close_soon(backend)
                 backend = None
         if self._start_timer is None and self.count and not self._stopped:

@@ -32,12 +32,16 @@ _LOOP_DRAIN_BYTES = 1 << 20
 
 
 def ready_on_loop(backend: LocalBackend, code: str) -> bool:
-    """True when a step of ``code`` can start from the loop without blocking it.
+    """True when a step of ``code`` can start from the loop without blocking it: a short
+    plain step on an :func:`idle` worker."""
+    return not backend.transactional and len(code) <= LOOP_CODE_CHARS and idle(backend)
 
-    Its worker must be up and idle with nothing to say: a socket that is readable or closed,
-    or an exit status, would mean a step that ends in clean-up (and one that could wait).
-    """
-    if backend.transactional or len(code) > LOOP_CODE_CHARS or backend.worker_pid is None:
+
+def idle(backend: LocalBackend) -> bool:
+    """The backend's worker is up and idle with nothing to say: a socket that is readable
+    or closed, or an exit status, would mean a step that ends in clean-up (and one that could
+    wait), or a worker that died while it waited."""
+    if backend.worker_pid is None:
         return False
     # LocalBackend has no public accessor for its worker; worker_pid above says it is live.
     worker = backend._episode.worker
