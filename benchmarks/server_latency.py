@@ -69,6 +69,12 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
     }
 
 
+def _percentiles_ms(samples: list[float]) -> dict[str, float]:
+    """:func:`_percentiles` in milliseconds, without the count."""
+    return {k.replace("_us", "_ms"): v / 1000 for k, v in _percentiles(samples).items()
+            if k != "n"}
+
+
 def _timed(step: Callable[[], object], steps: int, warm_up: int = WARM_UP) -> list[float]:
     for _ in range(warm_up):
         step()
@@ -273,8 +279,7 @@ def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0,
     with serving(max(CONCURRENCY)) as url:
         samples = interleaved_steps(url, steps)
         samples["http_stateless"] = http_stateless_steps(url, stateless_steps)
-        starts_ms = {name: {k.replace("_us", "_ms"): v / 1000
-                            for k, v in _percentiles(times).items() if k != "n"}
+        starts_ms = {name: _percentiles_ms(times)
                      for name, times in episode_starts(url, stateless_steps).items()}
         for sessions in CONCURRENCY:
             throughput.append(asyncio.run(_throughput(url, sessions, seconds)))
@@ -289,8 +294,7 @@ def run(steps: int = 500, stateless_steps: int = 30, seconds: float = 3.0,
         for where, start in (("host", lambda: serving(1)),
                              ("docker", lambda: serving_in_docker(docker_image))):
             samples = start_to_healthy(start, starts)
-            startup[where] = {k.replace("_us", "_ms"): v / 1000
-                              for k, v in _percentiles(samples).items() if k != "n"}
+            startup[where] = _percentiles_ms(samples)
         targets["docker_step_p50_at_most_2x_host"] = (
             latency["docker_websocket"]["p50_us"] <= 2 * latency["websocket"]["p50_us"])
         targets["docker_start_p50_at_most_2x_host"] = (
