@@ -3,6 +3,7 @@ websockets server."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +43,17 @@ def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0) -> Any:
             return value
         assert time.monotonic() < deadline, f"condition not met within {timeout_s} s"
         time.sleep(0.02)
+
+
+async def until(condition: Callable[[], Any], timeout_s: float = 15.0) -> Any:
+    """:func:`wait_for` on a running event loop, which keeps running meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"condition not met within {timeout_s} s"
+        await asyncio.sleep(0.02)
 
 
 def pid_alive(pid: int) -> bool:

@@ -11,7 +11,7 @@ import httpx
 from coding_gym.models import Limits
 from coding_gym.server.ahead import InterpreterAhead
 from coding_gym.server.sessions import SessionManager
-from tests.servers import pid_alive, running_server, sessions_of, wait_for
+from tests.servers import pid_alive, running_server, sessions_of, until, wait_for
 
 
 def run(coroutine):
@@ -23,13 +23,10 @@ async def ready_pid(ahead: InterpreterAhead) -> int:
     pid."""
     assert ahead.count == 1
     ahead.fill()
-    for _ in range(400):
-        if ahead.ready:
-            pid = ahead._ready[0].worker_pid
-            assert pid is not None
-            return pid
-        await asyncio.sleep(0.025)
-    raise AssertionError("no interpreter was started ahead")
+    await until(lambda: ahead.ready)
+    pid = ahead._ready[0].worker_pid
+    assert pid is not None
+    return pid
 
 
 def test_a_new_session_takes_the_interpreter_started_ahead_and_the_next_one_starts():
@@ -62,11 +59,7 @@ def test_a_reset_after_code_ran_takes_the_interpreter_ahead_and_kills_the_old_on
         assert session.backend.worker_pid == ahead_pid
         reply = await manager.step(session, "print(x)")
         assert "NameError" in reply["observation"]["stderr"]  # a fresh interpreter
-        for _ in range(200):
-            if not pid_alive(used):
-                break
-            await asyncio.sleep(0.025)
-        assert not pid_alive(used)
+        await until(lambda: not pid_alive(used))
         await manager.shutdown()
 
     run(scenario())
@@ -110,10 +103,7 @@ def test_an_interpreter_that_died_while_ahead_is_not_handed_out():
         manager = SessionManager(Limits(), max_sessions=1, idle_timeout_s=60)
         dead = await ready_pid(manager._ahead)
         os.kill(dead, signal.SIGKILL)
-        for _ in range(200):
-            if not pid_alive(dead):
-                break
-            await asyncio.sleep(0.025)
+        await until(lambda: not pid_alive(dead))
         session = await manager.open()
         assert session.backend.worker_pid != dead and not session.fresh
         reply = await manager.step(session, "print('alive')")
@@ -149,10 +139,7 @@ def test_several_sessions_opened_together_each_take_one_started_ahead():
     async def scenario() -> None:
         manager = SessionManager(Limits(), max_sessions=3, idle_timeout_s=60, start_ahead=3)
         manager._ahead.fill()
-        for _ in range(400):
-            if manager.ready_ahead == 3:
-                break
-            await asyncio.sleep(0.025)
+        await until(lambda: manager.ready_ahead == 3)
         ahead_pids = {backend.worker_pid for backend in manager._ahead._ready}
         sessions = await asyncio.gather(*(manager.open() for _ in range(3)))
         assert {s.backend.worker_pid for s in sessions} == ahead_pids

@@ -11,6 +11,7 @@ from coding_gym.models import Limits
 from coding_gym.server.session import Session
 from coding_gym.server.sessions import CapacityReached, SessionManager, _Turn
 from tests.helpers import in_thread
+from tests.servers import until
 
 
 def run(coroutine):
@@ -60,10 +61,7 @@ def test_the_interpreter_a_step_killed_is_replaced_before_the_next_step():
         assert reply["info"]["state_lost"]
         assert session.backend.worker_pid is None  # the reply did not wait for a new interpreter
         # With no request from the client, its successor starts.
-        for _ in range(200):
-            if session.backend.worker_pid is not None:
-                break
-            await asyncio.sleep(0.05)
+        await until(lambda: session.backend.worker_pid is not None)
         assert session.backend.worker_pid not in (None, killed)
         successor = session.backend.worker_pid
         reply = await manager.step(session, "print(1)")
