@@ -81,7 +81,7 @@ def create_app(*, limits: Limits | None = None, max_sessions: int = 64,
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        manager.start_reaper()
+        manager.start()
         try:
             yield
         finally:

@@ -279,9 +279,9 @@ class SessionManager:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    def start_reaper(self) -> None:
-        """Start closing idle sessions, and an interpreter ahead (from a running event
-        loop)."""
+    def start(self) -> None:
+        """Start the background work, from a running event loop: closing idle sessions, and
+        the interpreters ahead."""
         self._ahead.fill()
         if self._reaper is None:
             self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())

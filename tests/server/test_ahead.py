@@ -152,7 +152,7 @@ def test_several_sessions_opened_together_each_take_one_started_ahead():
 def test_with_none_ahead_every_session_starts_its_own():
     async def scenario() -> None:
         manager = SessionManager(Limits(), max_sessions=1, idle_timeout_s=60, start_ahead=0)
-        manager.start_reaper()
+        manager.start()
         session = await manager.open()
         await asyncio.sleep(0.1)
         assert not session.fresh and manager.ready_ahead == 0 and not manager._ahead._starting
