@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
@@ -177,9 +177,10 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         steps: list[StepTuple | None] = [None] * count
         limit = self.max_episode_steps
         # The results of steps that may all be plain, finished together by _plain_batch.
-        plain: list[ExecResult | None] | None = [None] * count if not resetting and \
-            self._no_tasks and (limit is None or max(env.step_count for env in envs) < limit) \
-            else None
+        plain: list[ExecResult | None] | None = None
+        if not resetting and self._no_tasks and (
+                limit is None or max(env.step_count for env in envs) < limit):
+            plain = [None] * count
 
         def finish(k: int, result: ExecResult, infra_error: str | None) -> None:
             # Called for each env once every env's code has ended (see _run_local).
@@ -230,19 +231,18 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         """:meth:`step`'s return when every sub-env stepped without a task, none reached its
         episode's end, and every result is plain (no extra info, no backend failure)."""
         env_obs, rewards = self._env_obs, self._rewards
-        finished: list[ExecResult] = []
         for i, (env, code, result) in enumerate(zip(self.envs, codes, results, strict=True)):
             assert result is not None  # every result is in
             env._last = (code, result)
             env_obs[i] = observation_of(result)
             rewards[i] = env.reward_transforms(code, result, 0.0)
-            finished.append(result)
         self._terminations.fill(False)
         self._truncations.fill(False)
         self._autoreset_envs.fill(False)
         return (self._batch_observations(env_obs), rewards.copy(), self._terminations.copy(),
                 self._truncations.copy(),
-                plain_infos(finished, [env.episode_id for env in self.envs],
+                plain_infos(cast("list[ExecResult]", results),  # all in (asserted above)
+                            [env.episode_id for env in self.envs],
                             [env.step_count for env in self.envs]))
 
     def render(self) -> tuple[Any, ...] | None:
