@@ -215,14 +215,17 @@ def http_stateless_steps(url: str, steps: int) -> list[float]:
 
 def episode_starts(url: str, samples: int) -> dict[str, list[float]]:
     """Seconds to start an episode, :data:`THINK_S` after the last sample, designs in turns:
-    ``LocalBackend.reset()``, ``RemoteBackend.reset()``, and a stateless ``POST /step``."""
-    with LocalBackend() as local, RemoteBackend(base_url=url) as remote, \
-            httpx.Client(base_url=url) as http:
+    ``LocalBackend.reset()`` (starting its interpreter, and with it started ahead, the
+    default), ``RemoteBackend.reset()``, and a stateless ``POST /step``."""
+    with LocalBackend(start_ahead=False) as local, LocalBackend() as ahead, \
+            RemoteBackend(base_url=url) as remote, httpx.Client(base_url=url) as http:
         local.reset()
+        ahead.reset()
         remote.reset()
         body = {"action": {"code": CODE}}
         designs: dict[str, Callable[[], object]] = {
             "local_reset": local.reset,
+            "local_reset_ahead": ahead.reset,
             "websocket_reset": remote.reset,
             "http_stateless_step": lambda: http.post("/step", json=body).json(),
         }

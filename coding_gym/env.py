@@ -141,7 +141,10 @@ class CodingEnv(EpisodeSnapshots, gym.Env[Observation, str]):
       warmed-up interpreter in milliseconds; or ``"spawn"``: a fresh one), ``preload``
       (modules that interpreter has imported, default ``["numpy"]`` when installed) and
       ``transactional`` (True: a step that times out or dies rolls the interpreter back to
-      its state before the step instead of losing it); see
+      its state before the step instead of losing it) and ``start_ahead`` (True, the
+      default: after each reset the next episode's interpreter starts in the background,
+      so that a reset takes well under a millisecond, for a second idle interpreter; False:
+      one interpreter, which each reset starts, 3-5 ms); see
       :class:`coding_gym.backends.local.LocalBackend`.
     - ``isolation`` (local backend): the sandbox layers around the interpreter, an
       :class:`coding_gym.models.Isolation` or a dict such as ``{"network": False}``. Every

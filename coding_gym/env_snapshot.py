@@ -110,7 +110,8 @@ class EpisodeSnapshots:
 
             grader = Grader(LocalBackend(grading_limits(self.limits), backend.isolation,
                                          start_method=backend.start_method,
-                                         preload=backend.preload))
+                                         preload=backend.preload,
+                                         start_ahead=backend.start_ahead))
             clone._tasks = self._tasks.fork(grader)
         return clone
 

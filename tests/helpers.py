@@ -43,6 +43,14 @@ def loop_step(backend: LocalBackend, code: str) -> ExecResult:
     return backend.finish(step, step.wait())
 
 
+def settle(backend: object) -> None:
+    """Wait for the start of ``backend``'s next interpreter (``start_ahead``), if one is under
+    way: a count of processes taken before then would miss it."""
+    following = getattr(backend, "_next", None)
+    if following is not None:
+        following._wait()
+
+
 def descendant_pids(root: int | None = None) -> set[int]:
     """Pids below ``root`` (default: this process) in the process tree.
 

@@ -187,5 +187,9 @@ def test_serve_runs_its_event_loop_as_a_batch_thread_unless_asked_not_to(flags, 
 
 
 def _parent_of(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
+    """The parent's pid, or -1 once the process is gone (an interpreter being closed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except FileNotFoundError:
+        return -1

@@ -115,6 +115,11 @@ class WorkerProcess(StartUp):
             self._pollers = (quiet, full)
         return self._pollers
 
+    def idle(self) -> bool:
+        """Up and idle with nothing to say: a readable or closed socket, or an exit status,
+        would mean a step that ends in clean-up, or a worker that died while it waited."""
+        return self.alive and not self.pollers()[0].poll(0)
+
     def _await_reply(self, timeout_s: float) -> tuple[dict[str, Any], list[int]]:
         """The next message and its fds, outside of a step (commands other than run)."""
         deadline = time.monotonic() + timeout_s

@@ -93,7 +93,7 @@ class InterpreterAhead:
     async def _start(self) -> None:
         backend: LocalBackend | None = None
         try:
-            backend = LocalBackend(self.limits)
+            backend = LocalBackend(self.limits, start_ahead=False)
             await asyncio.get_running_loop().run_in_executor(self._threads, backend.reset)
         except Exception as e:  # noqa: BLE001 - the taker starts its own, and says why not
             logger.info("no interpreter started ahead: %s", e)

@@ -25,7 +25,7 @@ class Session:
                  backend: LocalBackend | None = None) -> None:
         self.id = session_id
         self.limits = limits
-        self.backend = LocalBackend(limits) if backend is None else backend
+        self.backend = LocalBackend(limits, start_ahead=False) if backend is None else backend
         #: Its interpreter was started ahead (see ``ahead.py``) and has run nothing yet.
         self.fresh = backend is not None
         #: The loop's readers on the backend's worker; stopped before any thread uses it.

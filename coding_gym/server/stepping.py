@@ -38,16 +38,11 @@ def ready_on_loop(backend: LocalBackend, code: str) -> bool:
 
 
 def idle(backend: LocalBackend) -> bool:
-    """The backend's worker is up and idle with nothing to say: a socket that is readable
-    or closed, or an exit status, would mean a step that ends in clean-up (and one that could
-    wait), or a worker that died while it waited."""
-    if backend.worker_pid is None:
-        return False
-    # LocalBackend has no public accessor for its worker; worker_pid above says it is live.
+    """The backend's worker is up and idle with nothing to say (``WorkerProcess.idle``):
+    a step of it cannot wait, and it did not die while it waited."""
+    # LocalBackend has no public accessor for its worker.
     worker = backend._episode.worker
-    assert worker is not None
-    quiet, _ = worker.pollers()
-    return not quiet.poll(0)
+    return worker is not None and worker.idle()
 
 
 async def drive(backend: LocalBackend, code: str, timeout_s: float, executor: Executor,

@@ -24,7 +24,7 @@ import pytest
 
 from coding_gym.backends.local import LocalBackend
 from coding_gym.env import CodingEnv
-from tests.helpers import descendant_pids
+from tests.helpers import descendant_pids, settle
 from tests.hostile.programs import SECRET_NAME, SECRET_VALUE, TIMEOUT_S
 
 MEMORY_MB = 512
@@ -157,6 +157,7 @@ def bystander(backend: str, bystanders: dict[str, CodingEnv],
         env = make_env()
         env.reset()
         env.step("bystander = 12345")
+        settle(env.unwrapped.backend)
         bystanders[backend] = env
     return bystanders[backend]
 

@@ -10,7 +10,7 @@ import pytest
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
 from coding_gym.sandbox import zygote
-from tests.helpers import descendant_pids, loop_step
+from tests.helpers import descendant_pids, loop_step, settle
 
 START_A_THREAD = (
     "import threading\n"
@@ -114,6 +114,7 @@ def test_a_snapshot_outlives_workers_restored_from_it_and_killed_at_once(backend
 def test_restoring_many_times_leaves_one_frozen_process(no_leaked_processes):
     with LocalBackend(Limits(timeout_s=5.0)) as backend:
         backend.reset()
+        settle(backend)
         before = descendant_pids()
         with backend.snapshot() as snapshot:
             for _ in range(5):
