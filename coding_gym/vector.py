@@ -182,21 +182,29 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
                 limit is None or max(env.step_count for env in envs) < limit):
             plain = [None] * count
 
+        graded: list[tuple[int, ExecResult, str | None]] = []
+
         def finish(k: int, result: ExecResult, infra_error: str | None) -> None:
             # Called for each env once every env's code has ended (see _run_local).
             if plain is not None and infra_error is None and not result.extra:
                 plain[k] = result
+            elif envs[stepping[k]]._tasks is not None:
+                graded.append((k, result, infra_error))
             else:
                 steps[k] = envs[stepping[k]]._finish_step(codes[k], result, infra_error)
 
         self._run(stepping, codes, finish)
+        if graded:
+            self._finish_graded(stepping, codes, graded, steps)
         if plain is not None:
             if steps.count(None) == count:  # none was finished apart: all are plain
                 return self._plain_batch(codes, plain)
             for k, result in enumerate(plain):
                 if result is not None:
                     steps[k] = envs[stepping[k]]._finish_step(codes[k], result)
-        entries: list[tuple[int, dict[str, Any]]] = []
+        # Each sub-env's infos (a step's; or the end of its episode and the reset after it),
+        # batched in the sub-envs' order, as Gymnasium's vector envs add them.
+        infos: dict[int, list[dict[str, Any]]] = {}
         ended: list[int] = []
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         env_obs, rewards = self._env_obs, self._rewards
@@ -210,15 +218,16 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             terminations[i] = terminated
             truncations[i] = truncated
             if same_step and (terminated or truncated):
-                entries.append((i, {"final_obs": obs, "final_info": info}))
+                infos[i] = [{"final_obs": obs, "final_info": info}]
                 ended.append(i)
             else:
-                entries.append((i, info))
+                infos[i] = [info]
         restarted = ended + resetting
         for i, (obs, info) in zip(restarted, self._reset_envs(restarted, None, None),
                                   strict=True):
             env_obs[i] = obs
-            entries.append((i, info))
+            infos.setdefault(i, []).append(info)
+        entries = [(i, info) for i in sorted(infos) for info in infos[i]]
         for i in resetting:
             rewards[i] = 0.0
             terminations[i] = truncations[i] = False
@@ -326,6 +335,19 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             return
         for k, (result, infra_error) in enumerate(self._threads().map(_run_one, backends, codes)):
             finish(k, result, infra_error)
+
+    def _finish_graded(self, indices: list[int], codes: list[str],
+                       graded: list[tuple[int, ExecResult, str | None]],
+                       steps: list[StepTuple | None]) -> None:
+        """Finish the steps of sub-envs with tasks: their gradings run at once, one thread
+        each (one after the other, 8 envs took 97-106 ms a step on 2 CPUs)."""
+        def finish(item: tuple[int, ExecResult, str | None]) -> tuple[int, StepTuple]:
+            k, result, infra_error = item
+            return k, self.envs[indices[k]]._finish_step(codes[k], result, infra_error)
+
+        done = map(finish, graded) if len(graded) == 1 else self._threads().map(finish, graded)
+        for k, step in done:
+            steps[k] = step
 
     def _reset_envs(self, indices: list[int], seeds: Sequence[int | None] | None,
                     options: dict[str, Any] | None) -> list[tuple[Observation, dict[str, Any]]]:

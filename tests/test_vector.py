@@ -99,6 +99,38 @@ def test_long_episodes_equal_single_envs(kwargs):
         theirs.close()
 
 
+@pytest.mark.parametrize("mode", [AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP])
+def test_task_episodes_equal_single_envs_and_their_gradings_run_at_once(monkeypatch, mode):
+    from coding_gym.tasks.grading import Grader
+
+    threads: list[str] = []
+    grade = Grader.grade
+
+    def recording(self, task, program):
+        threads.append(threading.current_thread().name)
+        return grade(self, task, program)
+
+    monkeypatch.setattr(Grader, "grade", recording)
+    ours, theirs = _pair(3, mode, tasks="builtin", timeout_s=5.0)
+    try:
+        np.testing.assert_equal(ours.reset(seed=3), theirs.reset(seed=3))
+        for round_ in range(3):
+            tasks = ours.get_attr("task")
+            assert tasks == theirs.get_attr("task")
+            # Solved, not solved, and solved on a later round (its task stays).
+            actions = (tasks[0].solution, f"def nothing_{round_}(): pass",  # not graded before
+                       tasks[2].solution if round_ else "1/0")
+            threads.clear()
+            step = ours.step(actions)
+            ours_threads = list(threads)
+            _assert_same(step, theirs.step(actions))
+            assert len(ours_threads) >= 2  # a sub-env that resets instead grades nothing
+            assert len(set(ours_threads)) == len(ours_threads)  # one thread each
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_make_vec_returns_the_native_vector_env():
     envs = gym.make_vec("CodingEnv-v0", num_envs=3, timeout_s=2.0)
     try:

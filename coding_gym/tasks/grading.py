@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import marshal
 import secrets
 import threading
 from collections.abc import Iterable, Sequence
@@ -102,11 +103,13 @@ class Grader:
     """
 
     def __init__(self, backend: Backend | None = None, *, limits: Limits | None = None) -> None:
-        if backend is None:
-            from coding_gym.backends.local import LocalBackend
+        from coding_gym.backends.local import LocalBackend
 
+        if backend is None:
             backend = LocalBackend(grading_limits(limits or Limits()))
         self.backend = backend
+        #: The worker runs this interpreter: it can load the harness compiled here.
+        self._compiled = isinstance(backend, LocalBackend)
 
     def grade(self, task: Task, program: str) -> GradeReport:
         """Run ``task``'s tests on ``program`` and judge them.
@@ -125,7 +128,7 @@ class Grader:
             "max_output_bytes": MAX_TEST_OUTPUT_BYTES,
             "tests": [_wire_test(i, test) for i, test in enumerate(task.tests)],
         }
-        code = f"{_harness_source()}\nrun_tests(loads({json.dumps(payload)!r}))\n"
+        code = f"{_harness(self._compiled)}\nrun_tests(loads({json.dumps(payload)!r}))\n"
         self.backend.reset()
         result = self.backend.run(code)
         records, repeated, finished = _records(result.stdout, nonce, len(task.tests))
@@ -177,8 +180,18 @@ def grade_many(jobs: Iterable[tuple[Task, str]], *, workers: int = 2,
 
 
 @functools.cache
-def _harness_source() -> str:
-    return resources.files("coding_gym.tasks").joinpath("harness.py").read_text(encoding="utf-8")
+def _harness(compiled: bool) -> str:
+    """The first lines of a grading's code: the harness's source, or (``compiled``: for a
+    worker of this very interpreter) its code object, compiled here once, which the worker
+    loads with ``marshal``. Compiling the source took 2.1 ms of a 4.9 ms grading; loading
+    and running the code object, 0.5 ms. The code object goes from this process to the
+    sandbox, never the other way."""
+    source = resources.files("coding_gym.tasks").joinpath("harness.py").read_text(
+        encoding="utf-8")
+    if not compiled:
+        return source
+    blob = marshal.dumps(compile(source, "<grading harness>", "exec"))
+    return f"exec(__import__('marshal').loads({blob!r}))"
 
 
 def _wire_test(index: int, test: Test) -> dict[str, Any]:

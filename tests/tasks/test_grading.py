@@ -7,7 +7,7 @@ import pytest
 from coding_gym.errors import BackendError
 from coding_gym.models import ExecResult, Limits
 from coding_gym.tasks import AssertTest, CallTest, Grader, IOTest, Task
-from coding_gym.tasks.grading import json_equal, normalize_output
+from coding_gym.tasks.grading import _harness, grading_limits, json_equal, normalize_output
 
 ADD = Task("t/add", "Define add(a, b).", (
     CallTest((1, 2), 3), CallTest((-1, 1), 0), CallTest(("a", "b"), "ab"),
@@ -151,6 +151,43 @@ def test_each_grading_starts_in_a_fresh_process(grader):
                "def f():\n    return graded\n")
     assert grader.grade(task, program).fraction == 1.0
     assert grader.grade(task, program).fraction == 1.0
+
+
+class _NotLocal:
+    """A local backend behind another class: a grader sends it the harness as source."""
+
+    def __init__(self) -> None:
+        from coding_gym.backends.local import LocalBackend
+
+        self.inner = LocalBackend(grading_limits(Limits(timeout_s=5.0)))
+        self.codes: list[str] = []
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    def run(self, code: str, *, timeout_s: float | None = None) -> ExecResult:
+        self.codes.append(code)
+        return self.inner.run(code, timeout_s=timeout_s)
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("program", [
+    "def add(a, b):\n    return a + b\n",
+    "def add(a, b):\n    return a - b\n",
+    "import sys\nsys.exit(3)\n",
+    "def add(a, b):\n    print('noise')\n    return [a, b]\n",
+])
+def test_the_compiled_harness_grades_as_its_source_does(grader, program):
+    with Grader(_NotLocal()) as by_source:
+        from_source = by_source.grade(ADD, program)
+        assert "def run_tests(" in by_source.backend.codes[-1]  # the source went
+    assert "def run_tests(" not in _harness(True)  # a code object goes to a local worker
+    assert grader.grade(ADD, program) == from_source
 
 
 class _BrokenBackend:
