@@ -81,6 +81,12 @@ def summarize(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(_row("reset with numpy: zygote / started ahead (default)",
                          report["ahead_speedup"], f"{report['ahead_speedup']:.1f}x ({zygote:.1f} "
                          f"/ {ahead:.2f} ms; back to back {back:.1f} ms)", "(context)", None))
+        episode = {name: sum(part["p50_us"] for part in parts.values()) / 1000
+                   for name, parts in report["task_episodes"].items()}
+        one, started = episode["one interpreter"], episode["started ahead"]
+        rows.append(_row("task episode, reset + graded step: one interpreter / started ahead",
+                         one / started, f"{one / started:.1f}x ({one:.1f} / {started:.1f} ms)",
+                         "(context)", None))
     if "vector_throughput" in reports:
         ratios = reports["vector_throughput"]["ratios"]
         rate = reports["vector_throughput"]["steps_per_second"]

@@ -70,6 +70,7 @@ def run(resets: int = 50, spawn_resets: int = 15) -> dict[str, Any]:
         for env in envs.values():
             env.close()
     results = {name: percentiles(values) for name, values in samples.items()}
+    tasks = task_episodes()
     speedup = results["spawn, numpy"]["p50_us"] / results["zygote, numpy"]["p50_us"]
     plot = plot_ecdf("reset_latency", "reset + first step: zygote vs fresh worker", samples,
                      unit="ms", scale=1e3)
@@ -81,9 +82,45 @@ def run(resets: int = 50, spawn_resets: int = 15) -> dict[str, Any]:
         "bare_speedup": results["spawn, bare"]["p50_us"] / results["zygote, bare"]["p50_us"],
         "ahead_speedup": results["zygote, numpy"]["p50_us"]
         / results["zygote, numpy, started ahead"]["p50_us"],
+        "task_episodes": tasks,
         "plot": plot.name,
         "targets": {"reset_with_numpy_at_least_20x_faster": speedup >= 20},
     }
+
+
+def task_episodes(episodes: int = 30, think_s: float = 0.02) -> dict[str, Any]:
+    """A whole one-step episode of a task env: ``reset()``, then a step that submits the
+    task's solution and is graded (the grader resets its own backend: a second interpreter
+    per step), with and without interpreters started ahead, in turns, ``think_s`` before
+    each call (an agent writing its program)."""
+    from coding_gym.env import CodingEnv
+    from coding_gym.tasks import load_builtin
+
+    solutions = {task.task_id: task.solution for task in load_builtin()}
+    envs = {"started ahead": CodingEnv(tasks="builtin"),
+            "one interpreter": CodingEnv(tasks="builtin", start_ahead=False)}
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {"reset": [], "graded step": []} for name in envs}
+    try:
+        for turn in progress(range(episodes + 2), "task episodes"):  # two turns warm up
+            for name, env in envs.items():
+                time.sleep(think_s)
+                began = time.perf_counter()
+                _, info = env.reset()
+                reset = time.perf_counter() - began
+                time.sleep(think_s)
+                began = time.perf_counter()
+                _, reward, terminated, *_ = env.step(solutions[info["task_id"]])
+                step = time.perf_counter() - began
+                assert terminated and reward == 1.0, info["task_id"]
+                if turn >= 2:
+                    samples[name]["reset"].append(reset)
+                    samples[name]["graded step"].append(step)
+    finally:
+        for env in envs.values():
+            env.close()
+    return {name: {part: percentiles(values) for part, values in parts.items()}
+            for name, parts in samples.items()}
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -93,6 +130,11 @@ def print_table(report: dict[str, Any]) -> None:
     print(f"zygote speed-up: {report['numpy_speedup']:.1f}x with numpy, "
           f"{report['bare_speedup']:.1f}x bare; started ahead: "
           f"{report['ahead_speedup']:.1f}x more")
+    print()
+    print_rows(["task episode, p50 ms", "reset", "graded step", "both"],
+               [(name, parts["reset"]["p50_us"] / 1000, parts["graded step"]["p50_us"] / 1000,
+                 (parts["reset"]["p50_us"] + parts["graded step"]["p50_us"]) / 1000)
+                for name, parts in report["task_episodes"].items()])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
