@@ -14,6 +14,7 @@ zygote: see the memory benchmark).
 
 from __future__ import annotations
 
+import _thread
 import logging
 import threading
 from typing import TYPE_CHECKING
@@ -33,13 +34,19 @@ class NextInterpreter:
     """A hidden ``backend`` (``start_ahead=False``) whose interpreter the owner's next reset
     takes (see the module's docstring).
 
-    Called from the owner's thread; the start runs in a thread of its own, one at a time.
+    Called from the owner's thread; the start runs in a thread of its own, one at a time. A
+    bare thread (``_thread``): ``threading.Thread.start`` waits for the new thread to run,
+    which took 130-180 µs of a 250 µs reset, against 40 µs.
     """
 
     def __init__(self, backend: LocalBackend) -> None:
         self.backend = backend
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        #: Set while no start is under way.
+        self._done = threading.Event()
+        self._done.set()
+        #: The thread of the start under way.
+        self._runner: int | None = None
         #: Set to start at once: a reset waits for the start, or the owner closes.
         self._hurry = threading.Event()
         self._running = False
@@ -68,11 +75,11 @@ class NextInterpreter:
                 return
             self._running = True
         self._hurry.clear()
-        self._thread = threading.Thread(target=self._start, name="coding-gym-next-interpreter",
-                                        daemon=True)
-        self._thread.start()
+        self._done.clear()
+        _thread.start_new_thread(self._start, ())
 
     def _start(self) -> None:
+        self._runner = threading.get_ident()
         backend = self.backend
         try:
             self._hurry.wait(START_DELAY_S)
@@ -88,13 +95,14 @@ class NextInterpreter:
                 closed = self._closed
             if closed:
                 backend.close()
+            self._runner = None
+            self._done.set()
 
     def _wait(self) -> None:
         """Wait for a start under way, asking it not to wait for its delay."""
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
+        if not self._done.is_set() and self._runner != threading.get_ident():
             self._hurry.set()
-            thread.join()
+            self._done.wait()
 
     def close(self) -> None:
         """Close the hidden backend, once a start under way is done (safe to call twice, and

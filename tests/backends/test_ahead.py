@@ -18,7 +18,7 @@ def ahead_pid(backend: LocalBackend) -> int:
     """The pid of the interpreter started ahead, once it is up."""
     following = backend._next
     assert following is not None
-    wait_for(lambda: following._thread is None or not following._thread.is_alive(), 10.0)
+    wait_for(following._done.is_set, 10.0)
     pid = following.backend.worker_pid
     assert pid is not None
     return pid
