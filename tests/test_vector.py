@@ -103,14 +103,17 @@ def test_long_episodes_equal_single_envs(kwargs):
 def test_task_episodes_equal_single_envs_and_their_gradings_run_at_once(monkeypatch, mode):
     from coding_gym.tasks.grading import Grader
 
-    threads: list[str] = []
+    # Armed for our first step, whose three gradings must all be under way at once to pass
+    # it: one after the other, the first would wait for the others until the timeout.
+    together: list[threading.Barrier] = []
     grade = Grader.grade
 
-    def recording(self, task, program):
-        threads.append(threading.current_thread().name)
+    def meeting(self, task, program):
+        if together:
+            together[0].wait()
         return grade(self, task, program)
 
-    monkeypatch.setattr(Grader, "grade", recording)
+    monkeypatch.setattr(Grader, "grade", meeting)
     ours, theirs = _pair(3, mode, tasks="builtin", timeout_s=5.0)
     try:
         np.testing.assert_equal(ours.reset(seed=3), theirs.reset(seed=3))
@@ -118,14 +121,13 @@ def test_task_episodes_equal_single_envs_and_their_gradings_run_at_once(monkeypa
             tasks = ours.get_attr("task")
             assert tasks == theirs.get_attr("task")
             # Solved, not solved, and solved on a later round (its task stays).
-            actions = (tasks[0].solution, f"def nothing_{round_}(): pass",  # not graded before
+            actions = (tasks[0].solution, f"def nothing_{round_}(): pass",
                        tasks[2].solution if round_ else "1/0")
-            threads.clear()
+            if round_ == 0:
+                together.append(threading.Barrier(3, timeout=10.0))
             step = ours.step(actions)
-            ours_threads = list(threads)
+            together.clear()
             _assert_same(step, theirs.step(actions))
-            assert len(ours_threads) >= 2  # a sub-env that resets instead grades nothing
-            assert len(set(ours_threads)) == len(ours_threads)  # one thread each
     finally:
         ours.close()
         theirs.close()

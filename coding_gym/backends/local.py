@@ -312,6 +312,7 @@ class LocalBackend:
             "isolation": {name: dict(layer) for name, layer in self._workers.report.items()},
             "start_method": started if worker is not None else self.start_method,
             "transactional": self.transactional,
+            "start_ahead": self.start_ahead,
         }
 
     # -- Internals -----------------------------------------------------------------------------

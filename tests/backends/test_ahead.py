@@ -11,7 +11,7 @@ import pytest
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
 from tests.helpers import descendant_pids
-from tests.servers import wait_for
+from tests.servers import pid_alive, wait_for
 
 
 def ahead_pid(backend: LocalBackend) -> int:
@@ -25,11 +25,7 @@ def ahead_pid(backend: LocalBackend) -> int:
 
 
 def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+    return not pid_alive(pid)
 
 
 @pytest.fixture
@@ -117,11 +113,12 @@ def test_start_ahead_false_keeps_one_interpreter():
     with LocalBackend(start_ahead=False) as plain:
         plain.reset()
         assert plain._next is None and not plain.start_ahead
+        assert plain.describe()["start_ahead"] is False
         assert len(descendant_pids() - before) == 1
     with LocalBackend() as eager:
         eager.reset()
         ahead_pid(eager)
-        assert eager.start_ahead
+        assert eager.start_ahead and eager.describe()["start_ahead"] is True
         assert len(descendant_pids() - before) == 2
 
 
