@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ class NextInterpreter:
 
     def __init__(self, backend: LocalBackend) -> None:
         self.backend = backend
+        self._owner = os.getpid()
         self._lock = threading.Lock()
         #: Set while no start is under way.
         self._done = threading.Event()
@@ -99,8 +101,10 @@ class NextInterpreter:
             self._done.set()
 
     def _wait(self) -> None:
-        """Wait for a start under way, asking it not to wait for its delay."""
-        if not self._done.is_set() and self._runner != threading.get_ident():
+        """Wait for a start under way, asking it not to wait for its delay (not in a forked
+        child of the owner, where that start's thread does not exist)."""
+        if not self._done.is_set() and self._runner != threading.get_ident() \
+                and os.getpid() == self._owner:
             self._hurry.set()
             self._done.wait()
 

@@ -164,3 +164,27 @@ def test_fork_and_snapshots_work_across_traded_interpreters(backend):
     finally:
         clone.close()
         snapshot.release()
+
+
+def test_a_forked_child_of_the_owner_does_not_wait_for_a_start_it_does_not_have():
+    backend = LocalBackend()
+    try:
+        backend.reset()
+        backend.reset()  # and the next start is under way as we fork
+        pid = os.fork()
+        if pid == 0:  # the child drops its copy of the backend, as a garbage collection would
+            try:
+                backend.close()
+            finally:
+                os._exit(0)
+        try:
+            wait_for(lambda: os.waitpid(pid, os.WNOHANG)[0] == pid, 10.0)
+        finally:
+            try:
+                os.kill(pid, 9)  # a child that hung (it would wait forever)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        assert backend.run("print('still mine')").stdout == "still mine\n"
+    finally:
+        backend.close()
