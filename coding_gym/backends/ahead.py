@@ -55,9 +55,10 @@ class NextInterpreter:
         self._closed = False
 
     def trade(self, episode: Episode) -> bool:
-        """Give ``episode`` the interpreter started ahead, in exchange for its own, which is
-        closed in the background before the next start; False if none is ready (the episode
-        is then untouched)."""
+        """Give ``episode`` the interpreter started ahead, in exchange for its own, whose
+        processes stop at once (none runs after the reset) and are killed, reaped and their
+        directory removed in the background, before the next start; False if none is ready
+        (the episode is then untouched)."""
         self._wait()
         mine = self.backend._episode
         worker = mine.worker
@@ -66,6 +67,10 @@ class NextInterpreter:
         episode.worker, mine.worker = worker, episode.worker
         episode.home, mine.home = mine.home, episode.home
         episode.cgroup, mine.cgroup = mine.cgroup, episode.cgroup
+        if mine.worker is not None:
+            # Killed now, their exits ran beside the new episode's first step: 1.3 against
+            # 0.4 ms.
+            mine.worker.stop()
         return True
 
     def start_soon(self) -> None:

@@ -242,6 +242,15 @@ class Cgroup:
                 return
             except OSError:
                 pass  # before Linux 5.14: signal them one by one
+        self._signal_all(signal.SIGKILL)
+
+    def stop(self) -> None:
+        """SIGSTOP every process of the cgroup: none runs again (a stopped process cannot
+        fork either) until :meth:`kill` ends them."""
+        self._signal_all(signal.SIGSTOP)
+
+    def _signal_all(self, signum: int) -> None:
+        """Send ``signum`` to every process, until a scan finds none not signalled yet."""
         signalled: set[int] = set()
         while True:
             fresh = [pid for pid in self.pids() if pid not in signalled]
@@ -249,7 +258,7 @@ class Cgroup:
                 return
             for pid in fresh:
                 try:
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signum)
                 except ProcessLookupError:
                     pass
             signalled.update(fresh)

@@ -229,7 +229,21 @@ class WorkerProcess(StartUp):
             if self.alive:
                 self._signal_tree()
 
-    def _signal_tree(self) -> None:
+    def stop(self) -> None:
+        """SIGSTOP the worker and everything it started, at once: none of it runs again,
+        and :meth:`kill` ends them later (their exits, which tear down their memory, then do
+        not run beside the code that follows). Without a cgroup to find them all in, they
+        are killed now instead."""
+        with self._kill_lock:
+            if not self.alive:
+                return
+            if self.cgroup is None or self.pid <= 0:
+                self._signal_tree()
+                return
+            self._park_copies()
+            self.cgroup.stop()
+
+    def _park_copies(self) -> None:
         for copy, parking, wakes in self._unparked:
             if copy.wakes != wakes:
                 continue
@@ -238,6 +252,9 @@ class WorkerProcess(StartUp):
             if copy.park(parking) and copy.pid is not None:
                 self._copy_pids.add(copy.pid)
         self._unparked.clear()
+
+    def _signal_tree(self) -> None:
+        self._park_copies()
         if self.pid <= 0:
             return
         processes.restore_session_weight(self.pid)

@@ -61,6 +61,30 @@ def test_the_traded_interpreter_is_fresh_in_a_new_directory(backend):
     wait_for(lambda: gone(old_pid) and not os.path.exists(old_dir))
 
 
+def _state(pid: int) -> str:
+    """The process's state letter (R, S, T...), or "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def test_nothing_of_the_old_episode_runs_after_the_reset(backend):
+    result = backend.run(
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'while True: pass'],"
+        " start_new_session=True)\n"
+        "print(child.pid)")
+    spinner, old = int(result.stdout), backend.worker_pid
+    ahead_pid(backend)
+    backend.reset()
+    # Stopped at once (the kill and the reaping follow in the background), or gone.
+    assert _state(spinner) in ("T", "Z", "X", ""), _state(spinner)
+    assert _state(old) in ("T", "Z", "X", ""), _state(old)
+    wait_for(lambda: gone(spinner) and gone(old))
+
+
 def test_a_reset_before_the_start_is_done_waits_for_it(backend):
     dirs, pids = set(), set()
     for _ in range(6):  # back to back: each reset finds the next start under way
