@@ -107,7 +107,12 @@ class LocalBackend:
         return worker.pid if worker is not None and worker.alive else None
 
     def reset(self) -> None:
-        """Discard the interpreter and its directory; start a fresh worker."""
+        """Discard the interpreter and its directory; start a fresh worker.
+
+        With ``start_ahead``, the fresh worker is the one started ahead: the old episode's
+        processes stop at once, and are killed, with its directory removed, in the
+        background while the next one starts.
+        """
         self._check_open()
         episode = self._episode
         ahead = self._next
