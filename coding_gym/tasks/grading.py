@@ -21,6 +21,7 @@ What the sandbox can and cannot influence:
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import marshal
@@ -184,14 +185,15 @@ def _harness(compiled: bool) -> str:
     """The first lines of a grading's code: the harness's source, or (``compiled``: for a
     worker of this very interpreter) its code object, compiled here once, which the worker
     loads with ``marshal``. Compiling the source took 2.1 ms of a 4.9 ms grading; loading
-    and running the code object, 0.5 ms. The code object goes from this process to the
+    and running the code object takes 0.3 ms. The code object goes from this process to the
     sandbox, never the other way."""
     source = resources.files("coding_gym.tasks").joinpath("harness.py").read_text(
         encoding="utf-8")
     if not compiled:
         return source
-    blob = marshal.dumps(compile(source, "<grading harness>", "exec"))
-    return f"exec(__import__('marshal').loads({blob!r}))"
+    # In base64: the worker compiles the line in 0.14 ms, against 0.35 ms for a bytes literal.
+    blob = base64.b64encode(marshal.dumps(compile(source, "<grading harness>", "exec")))
+    return f"exec(__import__('marshal').loads(__import__('binascii').a2b_base64({blob!r})))"
 
 
 def _wire_test(index: int, test: Test) -> dict[str, Any]:
