@@ -11,9 +11,9 @@ wait for the zygote. Backends other than the local one are stepped through the s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from gymnasium.vector import AutoresetMode, VectorEnv
@@ -27,8 +27,8 @@ from coding_gym.models import ExecResult
 from coding_gym.sandbox.fanout import StepLoop
 from coding_gym.sandbox.steps import StepRun
 
-#: ``finish(k, result, infra error)``: the k-th step of a batch has ended.
-Finish = Callable[[int, ExecResult, "str | None"], None]
+#: A sub-env's code has run: its result, and the backend's failure if any.
+Ran = tuple[ExecResult, "str | None"]
 StepTuple = tuple[Observation, float, bool, bool, dict[str, Any]]
 VectorStep = tuple[dict[str, Any], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]
 
@@ -173,35 +173,15 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         codes = [envs[i]._check_action(actions[i]) for i in stepping]
         for i in stepping:
             envs[i]._start_step()
-        count = len(stepping)
-        steps: list[StepTuple | None] = [None] * count
+        ran = self._run(stepping, codes)
         limit = self.max_episode_steps
-        # The results of steps that may all be plain, finished together by _plain_batch.
-        plain: list[ExecResult | None] | None = None
         if not resetting and self._no_tasks and (
                 limit is None or max(env.step_count for env in envs) < limit):
-            plain = [None] * count
-
-        graded: list[tuple[int, ExecResult, str | None]] = []
-
-        def finish(k: int, result: ExecResult, infra_error: str | None) -> None:
-            # Called for each env once every env's code has ended (see _run_local).
-            if plain is not None and infra_error is None and not result.extra:
-                plain[k] = result
-            elif envs[stepping[k]]._tasks is not None:
-                graded.append((k, result, infra_error))
-            else:
-                steps[k] = envs[stepping[k]]._finish_step(codes[k], result, infra_error)
-
-        self._run(stepping, codes, finish)
-        if graded:
-            self._finish_graded(stepping, codes, graded, steps)
-        if plain is not None:
-            if steps.count(None) == count:  # none was finished apart: all are plain
+            plain = [result for result, infra_error in ran
+                     if infra_error is None and not result.extra]
+            if len(plain) == len(ran):  # no backend failure, no extra info
                 return self._plain_batch(codes, plain)
-            for k, result in enumerate(plain):
-                if result is not None:
-                    steps[k] = envs[stepping[k]]._finish_step(codes[k], result)
+        steps = self._finish_steps(stepping, codes, ran)
         # Each sub-env's infos (a step's; or the end of its episode and the reset after it),
         # batched in the sub-envs' order, as Gymnasium's vector envs add them.
         infos: dict[int, list[dict[str, Any]]] = {}
@@ -209,8 +189,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         same_step = self.autoreset_mode is AutoresetMode.SAME_STEP
         env_obs, rewards = self._env_obs, self._rewards
         terminations, truncations = self._terminations, self._truncations
-        for i, (obs, reward, terminated, truncated, info) in zip(  # type: ignore[misc]
-                stepping, steps, strict=True):  # every step is finished by now
+        for i, (obs, reward, terminated, truncated, info) in zip(stepping, steps, strict=True):
             if limit is not None and envs[i].step_count >= limit:
                 truncated = True
             env_obs[i] = obs
@@ -236,12 +215,11 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         return (self._batch_observations(env_obs), rewards.copy(), terminations.copy(),
                 truncations.copy(), batch_infos(entries, self.num_envs))
 
-    def _plain_batch(self, codes: list[str], results: list[ExecResult | None]) -> VectorStep:
+    def _plain_batch(self, codes: list[str], results: list[ExecResult]) -> VectorStep:
         """:meth:`step`'s return when every sub-env stepped without a task, none reached its
         episode's end, and every result is plain (no extra info, no backend failure)."""
         env_obs, rewards = self._env_obs, self._rewards
         for i, (env, code, result) in enumerate(zip(self.envs, codes, results, strict=True)):
-            assert result is not None  # every result is in
             env._last = (code, result)
             env_obs[i] = observation_of(result)
             rewards[i] = env.reward_transforms(code, result, 0.0)
@@ -250,8 +228,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         self._autoreset_envs.fill(False)
         return (self._batch_observations(env_obs), rewards.copy(), self._terminations.copy(),
                 self._truncations.copy(),
-                plain_infos(cast("list[ExecResult]", results),  # all in (asserted above)
-                            [env.episode_id for env in self.envs],
+                plain_infos(results, [env.episode_id for env in self.envs],
                             [env.step_count for env in self.envs]))
 
     def render(self) -> tuple[Any, ...] | None:
@@ -320,33 +297,28 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
             raise ValueError("options['reset_mask'] must select at least one sub-env")
         return mask
 
-    def _run(self, indices: list[int], codes: list[str], finish: Finish) -> None:
-        """Run ``codes[k]`` in sub-env ``indices[k]``; ``finish(k, result, infra error)`` as
-        each one ends."""
+    def _run(self, indices: list[int], codes: list[str]) -> list[Ran]:
+        """Run ``codes[k]`` in sub-env ``indices[k]``, all at once; each one's result and
+        infra error, in that order."""
         backends = [self.envs[i].backend for i in indices]
         if self.num_envs == 1:
             # Stepped as CodingEnv.step steps it, in this thread: a local worker follows the
             # thread while no other thread steps one (LocalBackend.run).
-            for k, (backend, code) in enumerate(zip(backends, codes, strict=True)):
-                finish(k, *_run_one(backend, code))
-            return
+            return [_run_one(backend, code) for backend, code in zip(backends, codes, strict=True)]
         if all(isinstance(backend, LocalBackend) for backend in backends):
-            _run_local(backends, codes, self._loop, finish)  # type: ignore[arg-type]
-            return
-        for k, (result, infra_error) in enumerate(self._threads().map(_run_one, backends, codes)):
-            finish(k, result, infra_error)
+            return _run_local(backends, codes, self._loop)  # type: ignore[arg-type]
+        return list(self._threads().map(_run_one, backends, codes))
 
-    def _finish_graded(self, indices: list[int], codes: list[str],
-                       graded: list[tuple[int, ExecResult, str | None]],
-                       steps: list[StepTuple | None]) -> None:
-        """Finish the steps of sub-envs with tasks: their gradings run at once, a thread each."""
-        def finish(item: tuple[int, ExecResult, str | None]) -> tuple[int, StepTuple]:
-            k, result, infra_error = item
-            return k, self.envs[indices[k]]._finish_step(codes[k], result, infra_error)
+    def _finish_steps(self, indices: list[int], codes: list[str],
+                      ran: list[Ran]) -> list[StepTuple]:
+        """Each sub-env's step; the gradings of sub-envs with tasks run at once, a thread each."""
+        def finish(k: int) -> StepTuple:
+            return self.envs[indices[k]]._finish_step(codes[k], *ran[k])
 
-        done = map(finish, graded) if len(graded) == 1 else self._threads().map(finish, graded)
-        for k, step in done:
-            steps[k] = step
+        graded = [k for k, i in enumerate(indices) if self.envs[i]._tasks is not None]
+        done = dict(zip(graded, self._threads().map(finish, graded) if len(graded) > 1
+                        else map(finish, graded), strict=True))
+        return [done[k] if k in done else finish(k) for k in range(len(indices))]
 
     def _reset_envs(self, indices: list[int], seeds: Sequence[int | None] | None,
                     options: dict[str, Any] | None) -> list[tuple[Observation, dict[str, Any]]]:
@@ -364,15 +336,18 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         return self._pool
 
 
-def _run_one(backend: Any, code: str) -> tuple[ExecResult, str | None]:
+def _run_one(backend: Any, code: str) -> Ran:
     try:
         return backend.run(code), None
     except BackendError as e:
         return backend_failure(e), str(e)
 
 
-def _run_local(backends: list[LocalBackend], codes: list[str], loop: StepLoop,
-               finish: Finish) -> None:
+#: The place of a step in :func:`_run_local`'s results until it is finished.
+_UNFINISHED: Ran = (ExecResult(), None)
+
+
+def _run_local(backends: list[LocalBackend], codes: list[str], loop: StepLoop) -> list[Ran]:
     """One ``epoll`` loop over every worker (see :class:`coding_gym.sandbox.fanout.StepLoop`);
     the steps are finished once every result is in.
 
@@ -381,20 +356,19 @@ def _run_local(backends: list[LocalBackend], codes: list[str], loop: StepLoop,
     parent's CPU per env-step, 8 envs stepping ``print(1)`` on 2 CPUs: 29.7-33.2 µs with it,
     29.1-32.9 µs without, three runs each in turns), and the loop is simpler without.
     """
+    ran: list[Ran] = []
     started: list[tuple[int, StepRun]] = []
-    unstarted: list[tuple[int, BackendError]] = []
     for k, (backend, code) in enumerate(zip(backends, codes, strict=True)):
         try:
             started.append((k, backend.begin(code)))
         except BackendError as e:
-            unstarted.append((k, e))
+            ran.append((backend_failure(e), str(e)))
+            continue
+        ran.append(_UNFINISHED)
     results = loop.run([step for _, step in started])
     for (k, step), result in zip(started, results, strict=True):
         try:
-            finished = backends[k].finish(step, result)
+            ran[k] = (backends[k].finish(step, result), None)
         except BackendError as e:
-            finish(k, backend_failure(e), str(e))
-            continue
-        finish(k, finished, None)
-    for k, error in unstarted:
-        finish(k, backend_failure(error), str(error))
+            ran[k] = (backend_failure(e), str(e))
+    return ran
