@@ -51,7 +51,6 @@ class NextInterpreter:
         self._runner: int | None = None
         #: Set to start at once: a reset waits for the start, or the owner closes.
         self._hurry = threading.Event()
-        self._running = False
         self._closed = False
 
     def trade(self, episode: Episode) -> bool:
@@ -80,9 +79,8 @@ class NextInterpreter:
         with self._lock:
             if self._closed:
                 return
-            self._running = True
+            self._done.clear()
         self._hurry.clear()
-        self._done.clear()
         _thread.start_new_thread(self._start, ())
 
     def _start(self) -> None:
@@ -98,7 +96,6 @@ class NextInterpreter:
             logger.info("no interpreter started ahead: %s", e)
         finally:
             with self._lock:
-                self._running = False
                 closed = self._closed
             if closed:
                 backend.close()
@@ -108,8 +105,7 @@ class NextInterpreter:
     def _wait(self) -> None:
         """Wait for a start under way, asking it not to wait for its delay (not in a forked
         child of the owner, where that start's thread does not exist)."""
-        if not self._done.is_set() and self._runner != threading.get_ident() \
-                and os.getpid() == self._owner:
+        if not self._done.is_set() and os.getpid() == self._owner:
             self._hurry.set()
             self._done.wait()
 
@@ -118,8 +114,7 @@ class NextInterpreter:
         from a garbage collection in the start's own thread, which then closes it)."""
         with self._lock:
             self._closed = True
+        if self._runner == threading.get_ident():
+            return  # in the start's own thread: it closes the backend on its way out
         self._wait()
-        with self._lock:
-            if self._running:
-                return  # we are in the start's thread: it closes the backend on its way out
         self.backend.close()

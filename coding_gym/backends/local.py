@@ -118,7 +118,8 @@ class LocalBackend:
         ahead = self._next
         if ahead is not None and ahead.trade(episode):
             assert episode.worker is not None
-            self._workers.note(episode.worker)
+            # Its start-up was noted (and any missing layer warned of) by the hidden backend.
+            self._workers.report = episode.worker.isolation
             ahead.start_soon()
             return
         old_home = episode.stop_interpreter()
