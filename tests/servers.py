@@ -37,23 +37,24 @@ def sessions_of(server: BackgroundServer) -> SessionManager:
 def wait_for(condition: Callable[[], Any], timeout_s: float = 15.0) -> Any:
     """Poll ``condition`` until it is truthy; fail after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"condition not met within {timeout_s} s"
+    while not (value := _poll(condition, deadline, timeout_s)):
         time.sleep(0.02)
+    return value
 
 
 async def until(condition: Callable[[], Any], timeout_s: float = 15.0) -> Any:
     """:func:`wait_for` on a running event loop, which keeps running meanwhile."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"condition not met within {timeout_s} s"
+    while not (value := _poll(condition, deadline, timeout_s)):
         await asyncio.sleep(0.02)
+    return value
+
+
+def _poll(condition: Callable[[], Any], deadline: float, timeout_s: float) -> Any:
+    """``condition()``; fail if it is still falsy at ``deadline``."""
+    value = condition()
+    assert value or time.monotonic() < deadline, f"condition not met within {timeout_s} s"
+    return value
 
 
 def pid_alive(pid: int) -> bool:
