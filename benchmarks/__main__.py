@@ -99,6 +99,13 @@ def summarize(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(_row(f"native vector, {n} envs / AsyncVectorEnv", ratios["native_vs_async"],
                          f"{ratios['native_vs_async']:.1f}x ({rate['async'][n]:.0f} steps/s "
                          "async)", ">= 3x", ratios["native_vs_async"] >= 3.0))
+        loaded = reports["vector_throughput"]["under_load"]
+        for name, rates in loaded["steps_per_second"].items():
+            ratio = rates["native"] / rates["async"]
+            rows.append(_row(f"native vector, {loaded['envs']} envs / AsyncVectorEnv, beside "
+                             f"{name.removeprefix('one ').removeprefix('a ')}", ratio,
+                             f"{ratio:.1f}x ({rates['native']:.0f} / {rates['async']:.0f} "
+                             "steps/s)", "(context)", None))
     if "memory" in reports:
         row = reports["memory"]["results"]["zygote, started ahead"]
         one = reports["memory"]["results"]["zygote"]["per_session_mb"]

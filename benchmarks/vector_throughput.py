@@ -8,6 +8,9 @@
 - ``raw ceiling``: N minimal workers (exec with in-memory capture, nothing else) driven by one
   poll loop: what the machine allows for N processes answering N messages.
 
+Then ``native`` and ``async`` again for 8 envs beside busy programs (``LOADS``): one
+idle-priority process, one at nice 19, and one normal process per CPU, each a Python loop.
+
     python benchmarks/vector_throughput.py [--seconds 3] [--max-envs 16]
 
 Writes benchmarks/results/vector_throughput.json and vector_throughput.png.
@@ -16,11 +19,14 @@ Writes benchmarks/results/vector_throughput.json and vector_throughput.png.
 from __future__ import annotations
 
 import argparse
+import os
 import select
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 if __package__ in (None, ""):
@@ -30,6 +36,14 @@ from benchmarks.common import RawWorker, figure, machine, print_rows, progress, 
 
 CODE = "print(1)"
 DESIGNS = ("native", "async", "sync", "raw ceiling")
+#: Busy programs beside which the vector envs are measured again: (what each does first to
+#: its scheduling, how many, as a count or "per CPU").
+LOADS: dict[str, tuple[str, int | str]] = {
+    "one idle-priority busy process": ("os.sched_setscheduler(0, os.SCHED_IDLE, "
+                                       "os.sched_param(0))", 1),
+    "one nice-19 busy process": ("os.nice(19)", 1),
+    "a normal busy process per CPU": ("pass", "per CPU"),
+}
 
 
 def _steps_per_second(step: Callable[[], object], num_envs: int, seconds: float) -> float:
@@ -88,6 +102,43 @@ def _raw_ceiling(num_envs: int) -> tuple[Callable[[], object], Callable[[], None
     return step, close
 
 
+@contextmanager
+def busy(setup: str, count: int | str) -> Iterator[None]:
+    """``count`` processes (or one per CPU) looping in Python after ``setup``, while inside."""
+    number = len(os.sched_getaffinity(0)) if count == "per CPU" else int(count)
+    loops = [subprocess.Popen([sys.executable, "-c", f"import os\n{setup}\nwhile True: pass"])
+             for _ in range(number)]
+    try:
+        time.sleep(0.2)  # started, and looping
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
+def under_load(seconds: float, rounds: int, num_envs: int = 8) -> dict[str, dict[str, float]]:
+    """Steps per second of ``native`` and ``async`` beside each of :data:`LOADS` (the
+    median of ``rounds`` in turns)."""
+    started = {design: _gymnasium(design, num_envs) for design in ("native", "async")}
+    table: dict[str, dict[str, float]] = {}
+    try:
+        for name, (setup, count) in progress(LOADS.items(), "vector throughput under load"):
+            rates: dict[str, list[float]] = {design: [] for design in started}
+            with busy(setup, count):
+                for step, _ in started.values():
+                    _steps_per_second(step, num_envs, seconds / rounds)  # warm-up
+                for _ in range(rounds):
+                    for design, (step, _) in started.items():
+                        rates[design].append(_steps_per_second(step, num_envs,
+                                                               seconds / rounds))
+            table[name] = {design: statistics.median(r) for design, r in rates.items()}
+    finally:
+        for _, close in started.values():
+            close()
+    return table
+
+
 def run(seconds: float = 3.0, max_envs: int = 16, rounds: int = 5) -> dict[str, Any]:
     """``seconds`` per design and size, split into ``rounds`` taken in turns (the median
     counts), so that the machine's load and process placement weigh on all designs alike."""
@@ -126,6 +177,7 @@ def run(seconds: float = 3.0, max_envs: int = 16, rounds: int = 5) -> dict[str, 
     axes.set_title(f'Throughput of print(1) on {machine()["cpus"]} CPUs')
     axes.legend()
     plot = save(fig, "vector_throughput")
+    loaded = under_load(seconds, rounds, reference)
     return {
         "benchmark": "vector_throughput",
         "code": CODE,
@@ -135,6 +187,7 @@ def run(seconds: float = 3.0, max_envs: int = 16, rounds: int = 5) -> dict[str, 
         "steps_per_second": {design: {str(n): v for n, v in rows.items()}
                              for design, rows in table.items()},
         "ratios": ratios,
+        "under_load": {"envs": reference, "steps_per_second": loaded},
         "plot": plot.name,
         "targets": {
             f"native_{reference}_envs_at_least_80pct_of_raw":
@@ -151,6 +204,11 @@ def print_table(report: dict[str, Any]) -> None:
     r = report["ratios"]
     print(f"{r['envs']} envs: native = {r['native_vs_raw_ceiling']:.0%} of the raw ceiling, "
           f"{r['native_vs_async']:.1f}x async, {r['native_vs_sync']:.1f}x sync")
+    loaded = report["under_load"]
+    print(f"\n{loaded['envs']} envs beside busy programs (steps/s):")
+    print_rows(["beside", "native", "async"],
+               [(name, rates["native"], rates["async"])
+                for name, rates in loaded["steps_per_second"].items()])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

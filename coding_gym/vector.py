@@ -58,14 +58,12 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
 
     ## Scheduling
 
-    While a step waits for the workers' replies, the thread that called it is a batch thread
-    (``SCHED_BATCH``; its nice value is kept), and a normal one again when the step returns:
-    a reply then wakes it without preempting the worker that sent it, which on two CPUs
-    took a fifth off the CPU time of 8 envs' steps (see
-    :class:`coding_gym.sandbox.fanout.Yielding`). A thread under any other policy is left
-    as it is. With one env, a step runs as ``CodingEnv.step`` runs one, in the calling
-    thread: its worker waits on that thread's CPU while no other thread steps a worker (see
-    :mod:`coding_gym.sandbox.affinity`).
+    The workers run wherever the kernel puts them, under the normal policy, their episodes
+    together weighing one normal process per CPU (see :mod:`coding_gym.sandbox.cgroups`):
+    beside other busy programs, the vector env keeps most of its speed. The thread that
+    calls ``step`` keeps its policy. With one env, a step runs as ``CodingEnv.step`` runs
+    one, in the calling thread: its worker waits on that thread's CPU while no other thread
+    steps a worker (see :mod:`coding_gym.sandbox.affinity`).
 
     ## Arguments
 

@@ -73,8 +73,9 @@ def reset_inherited(pid: int) -> None:
     both from the thread that started it. That thread may have pinned itself: a zygote
     started from it passed the pin on to every worker. Or it may be a batch thread (the
     server's event loop, see ``server/serving.py``): a child that starts up as a batch
-    process yields its CPU to whatever else was just forked (see
-    ``worker._batch_scheduling``), and a zygote's spares inherit its policy."""
+    process yields its CPU to whatever else was just forked, and its woken workers would
+    wait for the scheduler's tick behind any busy process (a zygote's spares inherit its
+    policy)."""
     try:
         os.sched_setaffinity(pid, process_cpus())
         if os.sched_getscheduler(pid) == _SCHED_BATCH:
@@ -96,7 +97,7 @@ def pin(pid: int, cpu: int, *, first: bool) -> bool:
 
 
 def release(pids: Iterable[int]) -> None:
-    """Every thread of the processes ``pids``: the :func:`process_cpus` again, and the batch
+    """Every thread of the processes ``pids``: the :func:`process_cpus` again, and the normal
     policy workers run under for those that are idle-priority (a thread that chose another
     policy keeps it). Threads that are gone, or refuse, are skipped."""
     cpus = process_cpus()
@@ -109,6 +110,6 @@ def release(pids: Iterable[int]) -> None:
             try:
                 os.sched_setaffinity(tid, cpus)
                 if os.sched_getscheduler(tid) == _SCHED_IDLE:
-                    os.sched_setscheduler(tid, _SCHED_BATCH, _PARAM)
+                    os.sched_setscheduler(tid, os.SCHED_OTHER, _PARAM)
             except OSError:
                 continue

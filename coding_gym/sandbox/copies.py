@@ -84,10 +84,10 @@ class Copies:
         # The parent learns the copy's pid from the kernel, not from what the copy says.
         theirs.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         # A snapshot, and the successors it forks, run under the default scheduling policy,
-        # not as a batch process like the worker: a restore waits for them to start or wake,
-        # and at a busy CPU a batch process does either at the next scheduler tick only. (The
-        # copy of a transactional step stays out of the way of the step.) The workers they
-        # become take the worker's policy back.
+        # whatever the worker's (idle-priority while it follows its caller, see affinity.py):
+        # a restore waits for them to start or wake, and at a busy CPU an idle-priority or
+        # batch process does either late. (The copy of a transactional step stays out of the
+        # way of the step.) The workers they become take the worker's policy back.
         self._policy = _scheduling_policy()
         if reusable:
             _set_policy(_SCHED_OTHER)
@@ -109,7 +109,8 @@ class Copies:
 
     def settle(self) -> None:
         """Back to the worker's scheduling policy after a snapshot, its reply sent: not sooner,
-        or as a batch process it would yield its CPU to the copy until that has frozen (~1 ms)."""
+        or under a weaker policy it would yield its CPU to the copy until that has frozen
+        (~1 ms)."""
         if self._unsettled:
             self._unsettled = False
             _set_policy(self._policy)

@@ -6,13 +6,17 @@ loop reads whichever worker answers first. As in :meth:`StepRun.wait
 loop for the first :data:`~coding_gym.sandbox.steps.QUIET_S` of a batch; the output pipes are
 watched after that.
 
-While the loop waits, its thread is a batch thread (``SCHED_BATCH``, see :class:`Yielding`): a
-reply wakes it without preempting the worker that sent it.
+The loop's thread keeps its scheduling policy. It used to wait as a batch thread
+(``SCHED_BATCH``), so that a reply would not preempt the worker that sent it, when every
+episode weighed a nice-19 process: with the episodes in one group of normal weight (see
+:mod:`coding_gym.sandbox.cgroups`) that made no difference on an idle machine (8 envs
+stepping ``print(1)`` on two CPUs, 15.8k against 15.6k steps/s), and cost 2-13% beside busy
+processes (13.4k against 13.7k beside an idle-priority one, 11.4k against 13.1k beside a
+normal one): a batch thread, once woken, waits for the scheduler's tick behind them.
 """
 
 from __future__ import annotations
 
-import os
 import select
 import time
 from collections.abc import Sequence
@@ -26,59 +30,6 @@ if TYPE_CHECKING:
 
 _EPOLLIN = select.EPOLLIN
 _monotonic = time.monotonic
-
-
-class Yielding:
-    """Makes the calling thread a batch thread (``SCHED_BATCH``) for a while, then a normal
-    one again; a thread under any other policy is left as it is.
-
-    A normal thread woken by a worker's reply preempts that worker, whose CPU weight is far
-    lower than its own (see :mod:`coding_gym.sandbox.cgroups`), in the middle of its
-    ``send``. With N workers on few CPUs that is a preemption and an interrupt to another
-    CPU for each reply, which cost more than the loop's Python: 8 envs stepping ``print(1)``
-    on a 2-CPU VM, the parent spent 62 µs of CPU per env-step and each worker 70 µs; as a
-    batch thread 43 and 58 µs, and the loop blocked 2.5 times a batch instead of 6. A batch
-    thread, once woken, waits for the running worker to block (it is about to: it has
-    replied) or for the scheduler's tick. Its nice value does not change.
-
-    Only the calling thread changes (Linux's policies are per thread), two system calls a
-    batch (three with the check), and never when the policy is not ``SCHED_OTHER`` (a
-    real-time thread, an idle one, or one whose owner chose batch already). Where the
-    system calls are refused (seccomp in some containers) the thread stays normal.
-    """
-
-    __slots__ = ("active",)
-
-    def __init__(self) -> None:
-        self.active = False
-
-    def __enter__(self) -> Yielding:
-        self.active = become_batch()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.active:
-            self.active = False
-            try:
-                _set_policy(0, _SCHED_OTHER, _PARAM)
-            except OSError:
-                pass
-
-
-def become_batch() -> bool:
-    """Make the calling thread a batch thread if it is a normal one (``SCHED_OTHER``);
-    whether it did. Its nice value is kept; a refused system call leaves it as it was."""
-    try:
-        if _get_policy(0) != _SCHED_OTHER:
-            return False
-        _set_policy(0, _SCHED_BATCH, _PARAM)
-    except OSError:
-        return False
-    return True
-
-
-_get_policy, _set_policy = os.sched_getscheduler, os.sched_setscheduler
-_SCHED_OTHER, _SCHED_BATCH, _PARAM = os.SCHED_OTHER, os.SCHED_BATCH, os.sched_param(0)
 
 
 class StepLoop:
@@ -102,8 +53,7 @@ class StepLoop:
         """Drive every step to its result; results in the order of ``runs``."""
         if len(runs) == 1:
             return [runs[0].wait()]
-        with Yielding():
-            return self._drive(runs)
+        return self._drive(runs)
 
     def _drive(self, runs: Sequence[StepRun]) -> list[ExecResult]:
         workers = tuple(run.worker for run in runs)

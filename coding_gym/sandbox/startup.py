@@ -259,10 +259,9 @@ class StartUp:
                                 before_joining()
                             if self.pid != sender:
                                 self._became(sender)
-                            if self.cgroup is not None:
-                                if self._joins_itself and message.get("joined_cgroup") is not True:
-                                    self.cgroup.add(sender)  # no episode code ran yet
-                                self.cgroup.lower_cpu_weight()
+                            if self.cgroup is not None and self._joins_itself \
+                                    and message.get("joined_cgroup") is not True:
+                                self.cgroup.add(sender)  # no episode code ran yet
                             report = message.get("isolation")
                             self.isolation = report if isinstance(report, dict) else {}
                             return

@@ -106,7 +106,6 @@ class Worker(Copies):
         """Answer requests until the parent closes the socket."""
         self._keep_timer_handlers()
         self._send_ready()
-        _batch_scheduling()  # not sooner: see _batch_scheduling
         while True:
             request, fds = self.channel.recv()
             if request is None:
@@ -276,18 +275,6 @@ class Worker(Copies):
             return "".join(report.format())
         except BaseException:  # noqa: BLE001 - a hostile __str__ or patched traceback module
             return f"{type(error).__name__}: <exception could not be formatted>\n"
-
-
-def _batch_scheduling() -> None:
-    """Run as a batch process: woken by a request, the worker waits for the parent to block
-    instead of preempting it in the middle of sending requests to its other workers.
-
-    Only once the worker is ready: during its start-up a batch process would yield its CPU
-    to the zygote's next spare, forked at the same moment, which builds its namespaces."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (OSError, AttributeError):
-        pass
 
 
 def warm_up() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import socket
 import threading
@@ -12,7 +13,6 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from coding_gym.sandbox.fanout import become_batch
 from coding_gym.server.wsprotocol import DirectFramesProtocol
 
 _TOKEN_IN_URL = re.compile(r"([?&]token=)[^&\s\"]*")
@@ -62,21 +62,29 @@ def wait_as_batch() -> bool:
     thread (``SCHED_BATCH``; its nice value is kept). Returns whether it did.
 
     The loop spends its time waiting for clients and for workers. As a normal thread, each
-    message or reply that woke it preempted the worker running on that CPU, whose CPU
-    weight is that of a nice-19 process; as a batch thread it waits for that worker to block
-    or for the scheduler's tick (see :class:`coding_gym.sandbox.fanout.Yielding`, the same
-    for the vector env). Measured with ``print(1)`` steps on a 2-vCPU VM, in turns against a
-    normal server (four runs each): 8 sessions 7.2k-7.7k steps/s against 5.9k-6.7k (p95
-    2.1-2.7 ms against 3.2-3.6 ms); 32 sessions 6.2k-7.1k against 6.0k-7.4k, and one
-    session 2.1k-2.4k against 2.3k (p50 0.41-0.46 ms): no difference there.
+    message or reply that woke it preempted the worker running on that CPU; as a batch
+    thread it waits for that worker to block or for the scheduler's tick. Measured with
+    ``print(1)`` steps on a 2-vCPU VM, in turns against a normal server (four runs each):
+    8 sessions 7.2k-7.7k steps/s against 5.9k-6.7k (p95 2.1-2.7 ms against 3.2-3.6 ms);
+    32 sessions 6.2k-7.1k against 6.0k-7.4k, and one session 2.1k-2.4k against 2.3k (p50
+    0.41-0.46 ms): no difference there. Measured again
+    once the episodes were one group of normal weight (see ``sandbox/cgroups.py``), three
+    runs each: 8 sessions 7.1k against 6.4k, 32 sessions 7.3k against 7.3k.
 
     Only a thread under ``SCHED_OTHER`` changes (one that its owner made real-time or idle
     is left alone). The threads it starts inherit the policy: those of slow steps, which
     wait for workers too. The zygote, and a worker spawned from this thread, are put back under
     the normal policy (``sandbox.affinity.reset_inherited``): they need it to start up
-    quickly.
+    quickly. Where the system calls are refused (seccomp in some containers) the thread
+    stays as it is.
     """
-    return become_batch()
+    try:
+        if os.sched_getscheduler(0) != os.SCHED_OTHER:
+            return False
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:
+        return False
+    return True
 
 
 def uvicorn_config(app: FastAPI, **options: Any) -> uvicorn.Config:

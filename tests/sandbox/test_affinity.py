@@ -71,7 +71,7 @@ def test_a_step_that_outlasts_the_quiet_window_frees_the_worker_and_its_threads(
     assert _placement(pid) == _placement(helper[0]) == ({CPUS[0]}, os.SCHED_IDLE)
     in_thread(cpu=CPUS[0], body=lambda: backend.run("time.sleep(1.2)"))
     for tid in (pid, helper[0]):
-        assert _placement(tid) == (set(CPUS), os.SCHED_BATCH)
+        assert _placement(tid) == (set(CPUS), os.SCHED_OTHER)
     backend.run("stop.set(); helper.join()")
 
 
@@ -80,7 +80,7 @@ def test_a_step_begun_for_a_loop_frees_a_worker_a_thread_had_pinned(backend):
     in_thread(cpu=CPUS[0], body=lambda: backend.run("print(1)"))
     assert _placement(pid) == ({CPUS[0]}, os.SCHED_IDLE)
     assert loop_step(backend, "print(2)").stdout == "2\n"
-    assert _placement(pid) == (set(CPUS), os.SCHED_BATCH)
+    assert _placement(pid) == (set(CPUS), os.SCHED_OTHER)
 
 
 def test_a_copy_that_may_have_been_pinned_is_freed_by_its_first_loop_step(backend):
@@ -91,7 +91,7 @@ def test_a_copy_that_may_have_been_pinned_is_freed_by_its_first_loop_step(backen
         # step from a loop makes sure it is free.
         _pin(pid, CPUS[0])
         assert loop_step(forked, "print(x + 1)").stdout == "42\n"
-        assert _placement(pid) == (set(CPUS), os.SCHED_BATCH)
+        assert _placement(pid) == (set(CPUS), os.SCHED_OTHER)
 
 
 def test_a_refused_pin_leaves_the_worker_free_and_is_not_tried_again(backend, monkeypatch):
@@ -110,13 +110,13 @@ def test_a_refused_pin_leaves_the_worker_free_and_is_not_tried_again(backend, mo
         assert in_thread(cpu=CPUS[0], body=lambda: backend.run("print(1)")).stdout == "1\n"
     assert [cpus for _, cpus in calls if cpus == (CPUS[0],)] == [(CPUS[0],)]  # tried once
     monkeypatch.undo()
-    assert _placement(backend.worker_pid) == (set(CPUS), os.SCHED_BATCH)
+    assert _placement(backend.worker_pid) == (set(CPUS), os.SCHED_OTHER)
 
 
 def test_a_thread_whose_cpu_is_unknown_leaves_the_worker_free(backend, monkeypatch):
     monkeypatch.setattr(supervisor, "_current_cpu", lambda: -1)
     assert backend.run("print(1)").stdout == "1\n"
-    assert _placement(backend.worker_pid) == (set(CPUS), os.SCHED_BATCH)
+    assert _placement(backend.worker_pid) == (set(CPUS), os.SCHED_OTHER)
 
 
 def test_a_worker_that_died_is_not_touched(backend):
@@ -147,7 +147,7 @@ def test_a_transactional_step_leaves_the_worker_free():
     with LocalBackend(Limits(timeout_s=5.0), transactional=True) as transactional:
         transactional.reset()
         assert in_thread(cpu=CPUS[0], body=lambda: transactional.run("print(1)")).stdout == "1\n"
-        assert _placement(transactional.worker_pid) == (set(CPUS), os.SCHED_BATCH)
+        assert _placement(transactional.worker_pid) == (set(CPUS), os.SCHED_OTHER)
 
 
 @two_cpus
@@ -178,7 +178,7 @@ def test_a_long_step_frees_the_processes_the_worker_started(backend):
     in_thread(cpu=CPUS[0], body=lambda: backend.run("print(1)"))
     _pin(child, CPUS[0])  # as a process started by a quick step of a pinned worker is
     in_thread(cpu=CPUS[0], body=lambda: backend.run("import time\ntime.sleep(1.2)"))
-    assert _placement(child) == (set(CPUS), os.SCHED_BATCH)
+    assert _placement(child) == (set(CPUS), os.SCHED_OTHER)
     backend.run("child.kill(); child.wait()")
 
 

@@ -49,29 +49,32 @@ def test_the_episode_and_what_it_starts_share_limited_cgroups(no_leaked_processe
             assert int(f.read()) == 300 << 20
         if support.cpu_dir:
             # The child started a session of its own: the kernel's grouping by session
-            # would have given it a full weight; the cgroup keeps it at the episode's.
+            # would have given it a weight of its own; the cgroup keeps it in the episode's.
             assert _group_of(child, "cpu") == group
             assert {worker, child} <= _members(support.cpu_dir, group)
-            setting, weight = cgroups.CPU_WEIGHT[support.version]
-            with open(os.path.join(support.cpu_dir, group, setting)) as f:
-                assert int(f.read()) == weight
             detail = backend.describe()["isolation"]["cgroup"]["detail"]
-            assert "weighing one nice-19 process" in detail
+            assert "weighing one process among the episodes" in detail
 
 
 @pytest.mark.skipif(not support.cpu_dir, reason="the cpu controller cannot be written here")
-def test_an_episode_being_killed_gets_the_normal_cpu_weight_back():
-    group = cgroups.Cgroup.create(memory_bytes=64 << 20, pids_max=8)
-    assert group is not None
-    try:
-        normal = group.cpu_weight()  # while the worker starts
-        group.lower_cpu_weight()
-        assert group.cpu_weight() == cgroups.CPU_WEIGHT[support.version][1] < normal
-        group.kill()
-        assert group.cpu_weight() == {1: 1024, 2: 100}[support.version]
-    finally:
-        group.remove()
-    assert group.cpu_weight() is None  # removed
+def test_the_episodes_weigh_alike_in_a_group_of_one_normal_process_per_cpu():
+    setting, normal = cgroups.CPU_WEIGHT_SETTING[support.version], cgroups.NORMAL_WEIGHT[
+        support.version]
+    with LocalBackend() as first, LocalBackend() as second:
+        first.reset()
+        second.reset()
+        groups = [_group_of(backend.worker_pid, "cpu") for backend in (first, second)]
+        assert groups[0] != groups[1]
+        for group in groups:
+            with open(os.path.join(support.cpu_dir, group, setting)) as f:
+                assert int(f.read()) == normal
+            # Every episode is a child of the one group, in every controller.
+            for directory in (support.cpu_dir, support.memory_dir, support.pids_dir):
+                assert os.path.isdir(os.path.join(directory, group))
+    assert os.path.basename(support.cpu_dir) == cgroups.GROUP
+    with open(os.path.join(support.cpu_dir, setting)) as f:
+        assert int(f.read()) == normal * len(os.sched_getaffinity(0))
+    assert not os.path.exists(os.path.join(support.cpu_dir, groups[0]))  # removed
 
 
 def _in_all_its_cgroups(backend: LocalBackend) -> bool:

@@ -83,3 +83,16 @@ def test_the_event_loop_thread_waits_as_a_batch_thread_with_its_nice_value():
     assert report["changed"] is True and report["policy"] == os.SCHED_BATCH
     assert report["nice"] == os.getpriority(os.PRIO_PROCESS, 0) + 2  # kept
     assert report["again"] is False  # a thread not under SCHED_OTHER is left alone
+
+
+def test_a_refused_policy_change_leaves_the_event_loop_thread_as_it_is(monkeypatch):
+    import os
+
+    from coding_gym.server import serving
+
+    def refuse(*args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    assert serving.wait_as_batch() is False
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
