@@ -59,7 +59,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
     ## Scheduling
 
     The workers run wherever the kernel puts them, under the normal policy, their episodes
-    together weighing one normal process per CPU (see :mod:`coding_gym.sandbox.cgroups`):
+    together weighing four normal processes per CPU (see :mod:`coding_gym.sandbox.cgroups`):
     beside other busy programs, the vector env keeps most of its speed. The thread that
     calls ``step`` keeps its policy. With one env, a step runs as ``CodingEnv.step`` runs
     one, in the calling thread: its worker waits on that thread's CPU while no other thread

@@ -5,10 +5,11 @@ The pids cgroup is the only process cap that binds root (RLIMIT_NPROC does not),
 contains a fork bomb. It also gives a complete list of the worker's processes to kill, even
 those that left its process group. Every episode's cgroup is made in one group of the
 episodes, ``coding-gym``, made beside the parent in the parent's own cgroup (see
-:func:`probe`). In the cpu controller that group weighs as much as one normal process per CPU,
-and within it the episodes weigh alike: all the sandboxed code of the machine competes with
-the caller, and with the machine's other programs, as one normal process per CPU would, and
-each episode, whatever it starts (sessions, forks), as one process among the episodes. Both
+:func:`probe`). In the cpu controller that group weighs as much as :data:`EPISODES_PER_CPU`
+normal processes per CPU, and within it the episodes weigh alike: all the sandboxed code
+competes with the caller, and with the machine's other programs, as a few normal processes
+per CPU would, and each episode, whatever it starts (sessions, forks), as one process among
+the episodes. Both
 cgroup v1 and v2 are handled; where neither can be written (an unprivileged user, a default
 Docker container), :func:`probe` says why and the worker runs without one.
 
@@ -16,8 +17,8 @@ Why not the lowest weight for each episode (that of a nice-19 process), as befor
 episodes below every other process of the machine, and their wake-ups waited for the
 scheduler's tick behind any busy one. 8 envs of a vector env stepping ``print(1)`` on two
 CPUs made 1.3k steps/s beside two busy normal processes and 1.9k beside one busy idle-priority
-process, against 11k and 14k with the group of the episodes (16.5k either way on an idle
-machine), and ``AsyncVectorEnv`` over the same envs made 3.1k beside the idle-priority one.
+process, against 10k and 15k with the group of the episodes, and ``AsyncVectorEnv`` over the
+same envs made 3.1k beside the idle-priority one.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ GROUP = "coding-gym"
 #: The CPU weight setting and the weight of a normal process, by cgroup version.
 CPU_WEIGHT_SETTING = {1: "cpu.shares", 2: "cpu.weight"}
 NORMAL_WEIGHT = {1: 1024, 2: 100}
+#: The weight of the group of the episodes, in normal processes per CPU. Against the
+#: parent's one process, what the episodes get when both want a CPU: 8 envs of a vector env
+#: stepping ``print(1)`` on two CPUs made 65%, 69-75%, 74-79%, 79-82%, 81-85% and 81-85% of
+#: the raw ceiling with 1/8, 1/2, 1, 2, 4 and 16 (in turns, two runs): the parent's turn
+#: comes after its workers'. With 4, the parent keeps a fifth of its CPU however busy the
+#: episodes are.
+EPISODES_PER_CPU = 4
 _MAX_WEIGHT = {1: 262144, 2: 10000}
 
 
@@ -125,9 +133,11 @@ def _group_in(directory: str) -> str:
 
 
 def _cpu_group_in(directory: str, version: int) -> str:
-    """The group of the episodes in the cpu controller's ``directory``, weighing one normal
-    process per CPU of this process; "" if it cannot be made or weighed."""
-    weight = min(NORMAL_WEIGHT[version] * len(os.sched_getaffinity(0)), _MAX_WEIGHT[version])
+    """The group of the episodes in the cpu controller's ``directory``, weighing
+    :data:`EPISODES_PER_CPU` normal processes per CPU of this process; "" if it cannot be
+    made or weighed."""
+    weight = min(NORMAL_WEIGHT[version] * EPISODES_PER_CPU * len(os.sched_getaffinity(0)),
+                 _MAX_WEIGHT[version])
     try:
         group = _group_in(directory)
         write_file(os.path.join(group, CPU_WEIGHT_SETTING[version]), b"%d" % weight)

@@ -68,8 +68,10 @@ def wait_as_batch() -> bool:
     8 sessions 7.2k-7.7k steps/s against 5.9k-6.7k (p95 2.1-2.7 ms against 3.2-3.6 ms);
     32 sessions 6.2k-7.1k against 6.0k-7.4k, and one session 2.1k-2.4k against 2.3k (p50
     0.41-0.46 ms): no difference there. Measured again
-    once the episodes were one group of normal weight (see ``sandbox/cgroups.py``), three
-    runs each: 8 sessions 7.1k against 6.4k, 32 sessions 7.3k against 7.3k.
+    once the episodes were one group (see ``sandbox/cgroups.py``), three runs each in turns:
+    on an idle machine 1, 8 and 32 sessions the same within 4%; beside a busy normal process
+    8 sessions 4.5k against 3.6k, but 1 session 2.5k against 2.8k and 32 sessions 4.4k
+    against 4.7k.
 
     Only a thread under ``SCHED_OTHER`` changes (one that its owner made real-time or idle
     is left alone). The threads it starts inherit the policy: those of slow steps, which

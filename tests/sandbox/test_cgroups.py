@@ -73,7 +73,7 @@ def test_the_episodes_weigh_alike_in_a_group_of_one_normal_process_per_cpu():
                 assert os.path.isdir(os.path.join(directory, group))
     assert os.path.basename(support.cpu_dir) == cgroups.GROUP
     with open(os.path.join(support.cpu_dir, setting)) as f:
-        assert int(f.read()) == normal * len(os.sched_getaffinity(0))
+        assert int(f.read()) == normal * cgroups.EPISODES_PER_CPU * len(os.sched_getaffinity(0))
     assert not os.path.exists(os.path.join(support.cpu_dir, groups[0]))  # removed
 
 
