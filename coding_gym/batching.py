@@ -23,19 +23,20 @@ _SCALARS = (int, float, bool)
 class ObservationBatcher:
     """Turns the observations of the sub-envs into one batch, as ``concatenate`` does.
 
-    Texts become a tuple of ``num_envs`` strings; a ``Discrete`` value an int64 array, filled
-    in place at every call (the same array each time, as with ``concatenate(..., out)``).
+    Texts become a tuple of ``num_envs`` strings; a ``Discrete`` value a new int64 array at
+    every call, as Gymnasium's vector envs return by default (``copy=True``): a batch kept
+    from an earlier step does not change with the next one.
     """
 
     def __init__(self, space: spaces.Space[Any], num_envs: int) -> None:
         if not isinstance(space, spaces.Dict):
             raise TypeError(f"Expected a Dict observation space, got {space!r}")
-        self._columns: list[tuple[str, np.ndarray | None]] = []
+        self._columns: list[tuple[str, Any]] = []
         for key, subspace in space.items():
             if isinstance(subspace, spaces.Text):
                 self._columns.append((key, None))
             elif isinstance(subspace, spaces.Discrete):
-                self._columns.append((key, np.zeros(num_envs, dtype=subspace.dtype)))
+                self._columns.append((key, subspace.dtype))
             else:
                 raise TypeError(
                     f"Expected observation keys of Text or Discrete spaces, got {key!r}: "
@@ -44,13 +45,9 @@ class ObservationBatcher:
 
     def __call__(self, observations: list[dict[str, Any]]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
-        for key, out in self._columns:
+        for key, dtype in self._columns:
             column = [observation[key] for observation in observations]
-            if out is None:
-                batch[key] = tuple(column)
-            else:
-                out[:] = column
-                batch[key] = out
+            batch[key] = tuple(column) if dtype is None else np.array(column, dtype=dtype)
         return batch
 
 

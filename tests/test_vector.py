@@ -149,6 +149,19 @@ def test_make_vec_returns_the_native_vector_env():
         envs.close()
 
 
+@pytest.mark.parametrize("tasks", [None, "builtin"])
+def test_a_batch_kept_from_an_earlier_step_does_not_change_with_the_next(tasks):
+    # As SyncVectorEnv's (copy=True, its default): a rollout buffer keeps each step's batch.
+    with CodingVectorEnv(2, timeout_s=2.0, tasks=tasks) as envs:
+        first, _ = envs.reset(seed=0)
+        first_codes = first["exit_code"].copy()
+        second, *_ = envs.step(("import sys; sys.exit(3)", "print(1)"))
+        third, *_ = envs.step(("print(1)", "import sys; sys.exit(4)"))
+        assert first["exit_code"].tolist() == first_codes.tolist()
+        assert second["exit_code"].tolist() == [3, 0]
+        assert third["exit_code"].tolist() == [0, 4]
+
+
 def test_same_step_autoreset_returns_the_new_episode_and_the_final_one_in_info():
     with CodingVectorEnv(2, max_episode_steps=2) as envs:
         _, info = envs.reset(seed=5)
