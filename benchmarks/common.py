@@ -120,7 +120,9 @@ def pss_bytes(pid: int) -> int:
 
 
 def print_rows(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    widths = [max(24, len(header[0]) + 2)] + [max(12, len(h) + 2) for h in header[1:]]
+    rows = list(rows)
+    first = max([len(header[0]), *(len(str(row[0])) for row in rows)])
+    widths = [max(24, first + 2)] + [max(12, len(h) + 2) for h in header[1:]]
     print("".join(f"{h:<{w}}" if i == 0 else f"{h:>{w}}"
                   for i, (h, w) in enumerate(zip(header, widths, strict=True))))
     for row in rows:

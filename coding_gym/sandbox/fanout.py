@@ -8,7 +8,7 @@ watched after that.
 
 The loop's thread keeps its scheduling policy. It used to wait as a batch thread
 (``SCHED_BATCH``), so that a reply would not preempt the worker that sent it, when every
-episode weighed a nice-19 process: with the episodes in one group of normal weight (see
+episode weighed a nice-19 process: with the episodes in one group of their own (see
 :mod:`coding_gym.sandbox.cgroups`) that made no difference on an idle machine (8 envs
 stepping ``print(1)`` on two CPUs, 15.8k against 15.6k steps/s), and cost 2-13% beside busy
 processes (13.4k against 13.7k beside an idle-priority one, 11.4k against 13.1k beside a
