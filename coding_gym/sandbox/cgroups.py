@@ -9,9 +9,9 @@ episodes, ``coding-gym``, made beside the parent in the parent's own cgroup (see
 normal processes per CPU, and within it the episodes weigh alike: all the sandboxed code
 competes with the caller, and with the machine's other programs, as a few normal processes
 per CPU would, and each episode, whatever it starts (sessions, forks), as one process among
-the episodes. Both
-cgroup v1 and v2 are handled; where neither can be written (an unprivileged user, a default
-Docker container), :func:`probe` says why and the worker runs without one.
+the episodes. Both cgroup v1 and v2 are handled; where neither can be written (an
+unprivileged user, a default Docker container), :func:`probe` says why and the worker runs
+without one.
 
 Why not the lowest weight for each episode (that of a nice-19 process), as before: it put the
 episodes below every other process of the machine, and their wake-ups waited for the
