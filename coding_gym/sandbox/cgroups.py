@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import signal
 import time
 from dataclasses import dataclass
@@ -126,10 +127,57 @@ def probe() -> CgroupSupport:
 
 def _group_in(directory: str) -> str:
     """The group of the episodes in ``directory`` (one controller's cgroup of the parent),
-    made if it is not there yet. It stays: other processes' episodes may be in it."""
+    made if it is not there yet. It stays: other processes' episodes may be in it. The
+    cgroups that processes now gone left in it, or beside it (where episodes were made
+    before the group), are removed on the way."""
     group = os.path.join(directory, GROUP)
     os.makedirs(group, exist_ok=True)
+    for place in (directory, group):
+        remove_abandoned(place)
     return group
+
+
+#: An episode's cgroup: ``coding-gym-<pid of the process that made it>-<count>``.
+_EPISODE_NAME = re.compile(r"coding-gym-(\d+)-\d+")
+#: How old an abandoned cgroup must be before it is removed: one made a moment ago may be
+#: another pid namespace's, whose process this one cannot see, about to move a worker in.
+ABANDONED_AFTER_S = 60.0
+
+
+def remove_abandoned(directory: str) -> list[str]:
+    """Remove the episodes' cgroups in ``directory`` whose maker is gone (killed before it
+    could remove them: ``SIGKILL``, the OOM killer): empty cgroups still cost the kernel
+    memory. A cgroup that holds a process is never removed (the kernel refuses), nor one of
+    a live pid, nor one younger than :data:`ABANDONED_AFTER_S`. Returns the names removed."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    now = time.time()
+    for name in names:
+        match = _EPISODE_NAME.fullmatch(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if now - os.stat(path).st_mtime < ABANDONED_AFTER_S:
+                continue
+            os.rmdir(path)
+        except OSError:
+            continue
+        removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # another user's process: alive
+    return True
 
 
 def _cpu_group_in(directory: str, version: int) -> str:

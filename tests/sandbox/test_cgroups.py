@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 
 import pytest
 
@@ -75,6 +77,45 @@ def test_the_episodes_weigh_alike_in_a_group_of_one_normal_process_per_cpu():
     with open(os.path.join(support.cpu_dir, setting)) as f:
         assert int(f.read()) == normal * cgroups.EPISODES_PER_CPU * len(os.sched_getaffinity(0))
     assert not os.path.exists(os.path.join(support.cpu_dir, groups[0]))  # removed
+
+
+def test_cgroups_left_by_processes_now_gone_are_removed_and_no_other():
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no process has now
+    sleeper = subprocess.Popen(["sleep", "30"])
+    old = time.time() - 2 * cgroups.ABANDONED_AFTER_S
+    group = support.pids_dir
+    made = {
+        "abandoned": (group, f"coding-gym-{gone.pid}-0", old),
+        "beside the group": (os.path.dirname(group), f"coding-gym-{gone.pid}-1", old),
+        "just made": (group, f"coding-gym-{gone.pid}-2", None),
+        "of a live process": (group, f"coding-gym-{os.getpid()}-99999", old),
+        "holding a process": (group, f"coding-gym-{gone.pid}-3", old),
+        "not an episode's": (group, f"coding-gym-{gone.pid}", old),
+    }
+    try:
+        for directory, name, _ in made.values():
+            os.mkdir(os.path.join(directory, name))
+        with open(os.path.join(group, made["holding a process"][1], "cgroup.procs"), "w") as f:
+            f.write(str(sleeper.pid))
+        for directory, name, mtime in made.values():
+            if mtime is not None:
+                os.utime(os.path.join(directory, name), (mtime, mtime))
+        assert cgroups._group_in(os.path.dirname(group)) == group  # as probe() calls it
+        left = {what for what, (directory, name, _) in made.items()
+                if os.path.isdir(os.path.join(directory, name))}
+        assert left == {"just made", "of a live process", "holding a process",
+                        "not an episode's"}
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for directory, name, _ in made.values():
+            path = os.path.join(directory, name)
+            while os.path.isdir(path):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    time.sleep(0.01)  # the sleeper's exit is not over yet
 
 
 def _in_all_its_cgroups(backend: LocalBackend) -> bool:
