@@ -58,13 +58,14 @@ def _poll(condition: Callable[[], Any], deadline: float, timeout_s: float) -> An
 
 
 def pid_alive(pid: int) -> bool:
-    import os
-
+    """Whether process ``pid`` exists and has not exited: a killed worker stays a zombie
+    until the zygote that forked it reaps it, which may come a moment after the kill."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    return True
+    return state not in ("Z", "X")
 
 
 @contextmanager
