@@ -57,17 +57,6 @@ def _poll(condition: Callable[[], Any], deadline: float, timeout_s: float) -> An
     return value
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not exited: a killed worker stays a zombie
-    until the zygote that forked it reaps it, which may come a moment after the kill."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 @contextmanager
 def websockets_server(handler: Callable[[ServerConnection], None], **options: Any
                       ) -> Iterator[int]:

@@ -149,6 +149,8 @@ def remove_abandoned(directory: str) -> list[str]:
     could remove them: ``SIGKILL``, the OOM killer): empty cgroups still cost the kernel
     memory. A cgroup that holds a process is never removed (the kernel refuses), nor one of
     a live pid, nor one younger than :data:`ABANDONED_AFTER_S`. Returns the names removed."""
+    from coding_gym.sandbox.processes import pid_alive  # which imports this module
+
     removed: list[str] = []
     try:
         names = os.listdir(directory)
@@ -157,7 +159,7 @@ def remove_abandoned(directory: str) -> list[str]:
     now = time.time()
     for name in names:
         match = _EPISODE_NAME.fullmatch(name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         path = os.path.join(directory, name)
         try:
@@ -168,16 +170,6 @@ def remove_abandoned(directory: str) -> list[str]:
             continue
         removed.append(name)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        pass  # another user's process: alive
-    return True
 
 
 def _cpu_group_in(directory: str, version: int) -> str:

@@ -11,8 +11,9 @@ import pytest
 from coding_gym.backends import ahead as ahead_module
 from coding_gym.backends.local import LocalBackend
 from coding_gym.models import Limits
+from coding_gym.sandbox.processes import pid_alive
 from tests.helpers import descendant_pids, settle
-from tests.servers import pid_alive, wait_for
+from tests.servers import wait_for
 
 
 def ahead_pid(backend: LocalBackend) -> int:

@@ -9,9 +9,10 @@ import signal
 import httpx
 
 from coding_gym.models import Limits
+from coding_gym.sandbox.processes import pid_alive
 from coding_gym.server.ahead import InterpreterAhead
 from coding_gym.server.sessions import SessionManager
-from tests.servers import pid_alive, running_server, sessions_of, until, wait_for
+from tests.servers import running_server, sessions_of, until, wait_for
 
 
 def run(coroutine):

@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from coding_gym.models import Limits
+from coding_gym.sandbox.processes import pid_alive
 from coding_gym.server import app as app_module
 from coding_gym.server.security import browser_refusal
-from tests.servers import pid_alive, running_server, sessions_of, wait_for
+from tests.servers import running_server, sessions_of, wait_for
 
 TOKEN = "s3cret-token"
 

@@ -11,7 +11,8 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from coding_gym.models import Limits
-from tests.servers import pid_alive, running_server, sessions_of, wait_for
+from coding_gym.sandbox.processes import pid_alive
+from tests.servers import running_server, sessions_of, wait_for
 
 TOKEN = "ws-token"
 
