@@ -28,10 +28,11 @@ class ObservationBatcher:
     from an earlier step does not change with the next one.
     """
 
-    def __init__(self, space: spaces.Space[Any], num_envs: int) -> None:
+    def __init__(self, space: spaces.Space[Any]) -> None:
         if not isinstance(space, spaces.Dict):
             raise TypeError(f"Expected a Dict observation space, got {space!r}")
-        self._columns: list[tuple[str, Any]] = []
+        #: Each key and its array's dtype (None: a tuple of texts).
+        self._columns: list[tuple[str, np.dtype[Any] | None]] = []
         for key, subspace in space.items():
             if isinstance(subspace, spaces.Text):
                 self._columns.append((key, None))

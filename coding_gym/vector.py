@@ -111,7 +111,7 @@ class CodingVectorEnv(VectorEnv[dict[str, Any], tuple[str, ...], np.ndarray]):
         self.single_action_space = first.action_space
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
-        self._batch_observations = ObservationBatcher(self.single_observation_space, num_envs)
+        self._batch_observations = ObservationBatcher(self.single_observation_space)
         self._every_env = list(range(num_envs))
         #: No sub-env has tasks: the vector env may finish their steps itself (_plain_batch).
         self._no_tasks = all(env._tasks is None for env in self.envs)

@@ -100,7 +100,10 @@ def probe() -> CgroupSupport:
             return CgroupSupport(0, reason=f"cannot make the group of the episodes: {e}")
         cpu_dir = ""
         if "cpu" in paths and _writable_dir(cpu_v1):
-            cpu_dir = _cpu_group_in(cpu_v1, 1)
+            try:
+                cpu_dir = _weighed(_group_in(cpu_v1), 1)
+            except OSError:
+                pass  # the cpu controller is optional
         return CgroupSupport(1, memory_dir=memory_dir, pids_dir=pids_dir, cpu_dir=cpu_dir)
     if os.path.exists(os.path.join(_ROOT, "cgroup.controllers")):
         base = os.path.join(_ROOT, paths.get("", "/").lstrip("/"))
@@ -118,7 +121,7 @@ def probe() -> CgroupSupport:
         try:
             for directory in (base, group):
                 write_file(os.path.join(directory, "cgroup.subtree_control"), b"+cpu")
-            cpu_v2 = _cpu_group_in(base, 2)
+            cpu_v2 = _weighed(group, 2)
         except OSError:
             cpu_v2 = ""  # a real-time process outside the root cgroup refuses it, say
         return CgroupSupport(2, memory_dir=group, pids_dir=group, cpu_dir=cpu_v2)
@@ -172,14 +175,13 @@ def remove_abandoned(directory: str) -> list[str]:
     return removed
 
 
-def _cpu_group_in(directory: str, version: int) -> str:
-    """The group of the episodes in the cpu controller's ``directory``, weighing
-    :data:`EPISODES_PER_CPU` normal processes per CPU of this process; "" if it cannot be
-    made or weighed."""
+def _weighed(group: str, version: int) -> str:
+    """``group``, the group of the episodes in the cpu controller, once it weighs
+    :data:`EPISODES_PER_CPU` normal processes per CPU of this process; "" if its weight
+    cannot be written."""
     weight = min(NORMAL_WEIGHT[version] * EPISODES_PER_CPU * len(os.sched_getaffinity(0)),
                  _MAX_WEIGHT[version])
     try:
-        group = _group_in(directory)
         write_file(os.path.join(group, CPU_WEIGHT_SETTING[version]), b"%d" % weight)
     except OSError:
         return ""
