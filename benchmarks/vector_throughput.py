@@ -102,6 +102,19 @@ def _raw_ceiling(num_envs: int) -> tuple[Callable[[], object], Callable[[], None
     return step, close
 
 
+def _in_turns(started: dict[str, tuple[Callable[[], object], Callable[[], None]]],
+              num_envs: int, seconds: float, rounds: int) -> dict[str, float]:
+    """Each design's steps per second: the median of ``rounds`` samples of ``seconds /
+    rounds`` taken in turns, after one of warm-up."""
+    for step, _ in started.values():
+        _steps_per_second(step, num_envs, seconds / rounds)  # warm-up
+    rates: dict[str, list[float]] = {design: [] for design in started}
+    for _ in range(rounds):
+        for design, (step, _) in started.items():
+            rates[design].append(_steps_per_second(step, num_envs, seconds / rounds))
+    return {design: statistics.median(samples) for design, samples in rates.items()}
+
+
 @contextmanager
 def busy(setup: str, count: int | str) -> Iterator[None]:
     """``count`` processes (or one per CPU) looping in Python after ``setup``, while inside."""
@@ -124,15 +137,8 @@ def under_load(seconds: float, rounds: int, num_envs: int = 8) -> dict[str, dict
     table: dict[str, dict[str, float]] = {}
     try:
         for name, (setup, count) in progress(LOADS.items(), "vector throughput under load"):
-            rates: dict[str, list[float]] = {design: [] for design in started}
             with busy(setup, count):
-                for step, _ in started.values():
-                    _steps_per_second(step, num_envs, seconds / rounds)  # warm-up
-                for _ in range(rounds):
-                    for design, (step, _) in started.items():
-                        rates[design].append(_steps_per_second(step, num_envs,
-                                                               seconds / rounds))
-            table[name] = {design: statistics.median(r) for design, r in rates.items()}
+                table[name] = _in_turns(started, num_envs, seconds, rounds)
     finally:
         for _, close in started.values():
             close()
@@ -148,17 +154,12 @@ def run(seconds: float = 3.0, max_envs: int = 16, rounds: int = 5) -> dict[str, 
         started = {design: _raw_ceiling(n) if design == "raw ceiling" else _gymnasium(design, n)
                    for design in DESIGNS}
         try:
-            for step, _ in started.values():
-                _steps_per_second(step, n, seconds / rounds)  # warm-up
-            rates: dict[str, list[float]] = {design: [] for design in DESIGNS}
-            for _ in range(rounds):
-                for design, (step, _) in started.items():
-                    rates[design].append(_steps_per_second(step, n, seconds / rounds))
+            rates = _in_turns(started, n, seconds, rounds)
         finally:
             for _, close in started.values():
                 close()
         for design in DESIGNS:
-            table[design][n] = statistics.median(rates[design])
+            table[design][n] = rates[design]
     reference = 8 if 8 in sizes else sizes[-1]
     native = table["native"][reference]
     ratios = {
